@@ -1,0 +1,94 @@
+"""Assembles the running gRPC server: engine, servicer, health, reflection, metrics.
+
+`EmbedServer` is what `python -m server` runs and what the tests start
+in-process on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
+from server.config import Settings
+from server.grpc_service import EmbedServicer
+from server.metrics import Metrics
+from server.model import ModelRunner
+from server.service import EmbedService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name
+
+
+class EmbedServer:
+    """The engine behind a gRPC server; start it, serve, then stop it with a grace period."""
+
+    def __init__(self, settings: Settings, runner: ModelRunner) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.service = EmbedService(settings, runner, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_request_bytes),
+                ("grpc.max_send_message_length", settings.max_request_bytes),
+            ]
+        )
+        embed_pb2_grpc.add_EmbedServicer_to_server(EmbedServicer(self.service), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+
+    async def start(self) -> int:
+        """Listens (health NOT_SERVING), warms the model up, then reports SERVING; returns the port."""
+        self.port = self._server.add_insecure_port(self.settings.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.address}")
+        self.service.add_health_listener(self._publish_health)
+        await self._server.start()
+        log.info("gRPC listening on %s:%d", self.settings.host, self.port)
+        self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+        await self.service.start()
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: new work gets UNAVAILABLE, work in flight finishes within `grace` seconds."""
+        grace = self.settings.grace_s if grace is None else grace
+        self.service.begin_drain()
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        await self.service.close()
+        self.metrics.close()
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    def _publish_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            asyncio.ensure_future(self.health.set(name, status))
+
+
+async def serve(settings: Settings) -> None:
+    """Loads the model, serves until SIGTERM or SIGINT, then drains and returns."""
+    runner = await asyncio.to_thread(ModelRunner.load, settings)
+    server = EmbedServer(settings, runner)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("signal received: draining for up to %.0f s", settings.grace_s)
+    await server.stop()
+    log.info("stopped")

@@ -1,0 +1,108 @@
+"""Service configuration: one typed object, built once from flags and environment.
+
+Every field is a command-line flag (`--max-batch-size`) and an environment
+variable (`MAX_BATCH_SIZE`; the model is `MODEL_ID`, as on RunPod). A flag beats
+the environment, the environment beats the default. Nothing else in the
+package reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _opt(default: Any, help: str, env: str | None = None, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, "env": env, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the engine and its transports can be told."""
+
+    model: str = _opt("facebook/dinov2-small", "Hub id or local folder of a DINOv2 model.", env="MODEL_ID")
+    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of the model.")
+    dtype: str = _opt("auto", "Compute dtype; auto = float32 on CPU, bfloat16 (else float16) on CUDA.", choices=DTYPES)
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    host: str = _opt("0.0.0.0", "Address the gRPC server listens on.")
+    port: int = _opt(50051, "gRPC port (0 picks a free one).")
+    max_batch_size: int = _opt(32, "Most images in one forward pass.")
+    max_wait_ms: float = _opt(5.0, "Longest an image waits for a batch to fill.")
+    max_queue_images: int = _opt(1024, "Images accepted but not yet answered; beyond it RESOURCE_EXHAUSTED.")
+    max_images_per_request: int = _opt(256, "Most images in one EmbedRequest.")
+    max_image_bytes: int = _opt(32 * 1024 * 1024, "Largest encoded image, in bytes.")
+    max_image_pixels: int = _opt(50_000_000, "Largest decoded image, in pixels (width x height).")
+    max_request_bytes: int = _opt(128 * 1024 * 1024, "Largest gRPC message, in bytes.")
+    preprocess_workers: int = _opt(2, "Threads that decode and resize images.")
+    stream_window: int = _opt(16, "Requests of one EmbedStream processed at once.")
+    grace_s: float = _opt(30.0, "On SIGTERM, how long in-flight work may take to finish.")
+    metrics_port: int = _opt(9090, "Prometheus metrics port (-1 disables, 0 picks a free one).")
+    log_level: str = _opt("INFO", "Logging level.")
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
+                     "max_image_pixels", "max_request_bytes", "preprocess_workers", "stream_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.grace_s < 0:
+            raise ValueError("max_wait_ms and grace_s must not be negative")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _env_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("env") or f.name.upper()
+
+
+def _kind(f: dataclasses.Field[Any]) -> type:
+    return {"int": int, "float": float}.get(str(f.type), str)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="DINOv2 image-embedding gRPC server. Every flag can also be set "
+        "by the environment variable named in brackets.",
+    )
+    for f in dataclasses.fields(Settings):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_kind(f),
+            default=None,
+            choices=f.metadata.get("choices"),
+            help=f"{f.metadata['help']} [{_env_name(f)}; default {f.default}]",
+        )
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Builds the settings from flags, then environment, then defaults."""
+    args = vars(_parser().parse_args(argv))
+    environ = environ if environ is not None else {}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = args[f.name]
+        if raw is None and _env_name(f) in environ:
+            raw = environ[_env_name(f)]
+        if raw is None:
+            continue
+        kind = _kind(f)
+        try:
+            values[f.name] = kind(raw)
+        except ValueError:
+            raise SystemExit(f"error: {_env_name(f)}={raw!r} is not a valid {kind.__name__}") from None
+        choices = f.metadata.get("choices")
+        if choices and values[f.name] not in choices:
+            raise SystemExit(f"error: {_env_name(f)} must be one of {', '.join(choices)}, not {raw!r}")
+    try:
+        return Settings(**values)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -1,0 +1,52 @@
+"""The engine's typed errors.
+
+Every failure a caller can cause, or can be told about, is one of these. The
+transports map them to their own codes in one place each: gRPC in
+`server/grpc_service.py`, RunPod in `runpod_handler.py`. Messages are written
+for the caller: they name the problem and never carry image bytes.
+"""
+
+
+class EmbedError(Exception):
+    """Base of all errors the engine reports to callers."""
+
+
+class InvalidImage(EmbedError):
+    """One image cannot be embedded: not an image, corrupt, empty or too large."""
+
+
+class InvalidRequest(EmbedError):
+    """The request as a whole is malformed: no images, too many, unknown pooling."""
+
+
+class Overloaded(EmbedError):
+    """The queue is full; the caller should retry later."""
+
+
+class Unavailable(EmbedError):
+    """The engine is draining or not started; the caller should go elsewhere or retry."""
+
+
+class DeadlineExceeded(EmbedError):
+    """The caller's deadline passed before the image reached the model."""
+
+
+class Cancelled(EmbedError):
+    """The caller went away before the image reached the model."""
+
+
+class InferenceFailed(EmbedError):
+    """The model failed on a batch; only that batch's images are affected."""
+
+
+class ModelLoadError(Exception):
+    """The model or its processor cannot be loaded; ends the start with this message."""
+
+    @classmethod
+    def cannot_load(cls, model: str, exc: BaseException) -> "ModelLoadError":
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        return cls(
+            f"cannot load model {model!r}: {first_line} -- without network, point --model (MODEL_ID) "
+            "at a local folder holding config.json, the weights and preprocessor_config.json"
+        )

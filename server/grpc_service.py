@@ -1,0 +1,141 @@
+"""The gRPC transport: `dinov2.v1.Embed` over the shared `EmbedService`.
+
+Thin on purpose: protobuf in, `EmbedService.embed`, protobuf out. Engine
+errors become gRPC codes here and nowhere else (`STATUS_OF`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
+from server import errors
+from server.model import Pooling
+from server.service import EmbedOptions, EmbedService, ImageResult
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[errors.EmbedError], grpc.StatusCode] = {
+    errors.InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.InferenceFailed: grpc.StatusCode.INTERNAL,
+}
+
+_POOLING = {
+    embed_pb2.POOLING_UNSPECIFIED: Pooling.CLS,
+    embed_pb2.POOLING_CLS: Pooling.CLS,
+    embed_pb2.POOLING_MEAN: Pooling.MEAN,
+    embed_pb2.POOLING_CLS_MEAN: Pooling.CLS_MEAN,
+}
+
+
+def status_of(exc: errors.EmbedError) -> grpc.StatusCode:
+    return STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
+
+
+def error_message(exc: errors.EmbedError) -> embed_pb2.Error:
+    """The wire form of an engine error: google.rpc.Code number and message."""
+    return embed_pb2.Error(code=status_of(exc).value[0], message=str(exc))
+
+
+def _options(request: embed_pb2.EmbedRequest) -> EmbedOptions:
+    pooling = _POOLING.get(request.pooling)
+    if pooling is None:
+        raise errors.InvalidRequest(f"unknown pooling {request.pooling}")
+    return EmbedOptions(pooling=pooling, normalize=request.normalize)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _response(request: embed_pb2.EmbedRequest, results: list[ImageResult], started: float) -> embed_pb2.EmbedResponse:
+    response = embed_pb2.EmbedResponse()
+    for image, result in zip(request.images, results, strict=True):
+        item = response.embeddings.add(id=image.id)
+        if result.error is not None:
+            item.error.CopyFrom(error_message(result.error))
+        else:
+            item.values.extend(result.embedding.tolist())  # type: ignore[union-attr]
+    timing = response.timing
+    timing.preprocess_ms = 1000 * max(r.preprocess_s for r in results)
+    timing.queue_ms = 1000 * max(r.queue_s for r in results)
+    timing.inference_ms = 1000 * max(r.inference_s for r in results)
+    timing.total_ms = 1000 * (time.monotonic() - started)
+    return response
+
+
+class EmbedServicer(embed_pb2_grpc.EmbedServicer):
+    """Embed, EmbedStream and Info on one shared engine."""
+
+    def __init__(self, service: EmbedService) -> None:
+        self._service = service
+        self._metrics = service.metrics
+
+    async def _embed(self, request: embed_pb2.EmbedRequest, deadline: float | None) -> embed_pb2.EmbedResponse:
+        started = time.monotonic()
+        results = await self._service.embed([image.data for image in request.images], _options(request), deadline)
+        return _response(request, results, started)
+
+    async def Embed(  # noqa: N802 - gRPC method name
+        self, request: embed_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> embed_pb2.EmbedResponse:
+        try:
+            response = await self._embed(request, _deadline(context))
+        except errors.EmbedError as exc:
+            self._metrics.requests.labels("Embed", status_of(exc).name).inc()
+            await context.abort(status_of(exc), str(exc))
+        self._metrics.requests.labels("Embed", "OK").inc()
+        return response
+
+    async def EmbedStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[embed_pb2.EmbedRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[embed_pb2.EmbedResponse]:
+        """Up to `stream_window` requests in flight; responses in request order."""
+        deadline = _deadline(context)
+        window: asyncio.Queue[asyncio.Task[embed_pb2.EmbedResponse] | None] = asyncio.Queue(
+            self._service.settings.stream_window
+        )
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.put(asyncio.ensure_future(self._stream_one(request, deadline)))
+            finally:
+                await window.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await window.get()) is not None:
+                yield await task
+            await reader
+        finally:
+            reader.cancel()
+            while not window.empty():
+                if (task := window.get_nowait()) is not None:
+                    task.cancel()
+
+    async def _stream_one(self, request: embed_pb2.EmbedRequest, deadline: float | None) -> embed_pb2.EmbedResponse:
+        try:
+            response = await self._embed(request, deadline)
+        except errors.EmbedError as exc:
+            self._metrics.requests.labels("EmbedStream", status_of(exc).name).inc()
+            return embed_pb2.EmbedResponse(error=error_message(exc))
+        self._metrics.requests.labels("EmbedStream", "OK").inc()
+        return response
+
+    async def Info(  # noqa: N802
+        self, request: embed_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> embed_pb2.InfoResponse:
+        self._metrics.requests.labels("Info", "OK").inc()
+        return embed_pb2.InfoResponse(**vars(self._service.info))

@@ -1,0 +1,149 @@
+"""From encoded image bytes to the model's input pixels.
+
+The definition of an embedding's input is the reference pipeline:
+`img.convert("L")`, then the model's image processor configured for grayscale
+replication (`configured_processor`): resize to exactly image_size x
+image_size (bicubic, no crop), replicate to 3 channels, rescale, normalize.
+
+The service does not call the processor per image. `decode` produces the
+resized single-channel uint8 image (PIL, the same resize the processor does),
+and `Normalization` holds the processor's rescale/mean/std so the model runner
+can replicate and normalize a whole batch at once on the device. Both paths
+are compared in tests/test_parity.py.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from server.errors import InvalidImage, ModelLoadError
+
+RESAMPLE = Image.Resampling.BICUBIC
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The processor's pixel arithmetic: out[c] = (x * rescale - mean[c]) / std[c]."""
+
+    image_size: int
+    rescale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def configured_processor(model: str, revision: str | None, image_size: int = 224):  # noqa: ANN201
+    """The model's image processor, overridden to resize to image_size squared with no crop.
+
+    This is the reference the fast path must equal; the Hub's DINOv2 processor
+    would resize the shortest edge to 256 and center-crop 224.
+    """
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(
+            model,
+            revision=revision,
+            size={"height": image_size, "width": image_size},
+            do_center_crop=False,
+            do_resize=True,
+            resample=RESAMPLE,
+            do_convert_rgb=True,
+        )
+    except OSError as exc:
+        raise ModelLoadError.cannot_load(model, exc) from None
+
+
+def normalization_of(processor: object) -> Normalization:
+    """Reads the pixel arithmetic out of a configured processor."""
+    size = processor.size  # type: ignore[attr-defined]
+    mean = tuple(float(v) for v in processor.image_mean)  # type: ignore[attr-defined]
+    std = tuple(float(v) for v in processor.image_std)  # type: ignore[attr-defined]
+    if size["height"] != size["width"] or len(mean) != 3 or len(std) != 3:
+        raise ModelLoadError(f"unsupported processor config: size={size}, mean={mean}, std={std}")
+    rescale = float(processor.rescale_factor) if processor.do_rescale else 1.0  # type: ignore[attr-defined]
+    if not processor.do_normalize:  # type: ignore[attr-defined]
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return Normalization(int(size["height"]), rescale, mean, std)  # type: ignore[arg-type]
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Opens and fully decodes an image, refusing what is not one or is too large.
+
+    The pixel limit is checked from the header, before any pixel is decoded,
+    so a small file that claims a huge image costs nothing.
+    """
+    if not data:
+        raise InvalidImage("empty image: no bytes")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise InvalidImage(f"image has zero size ({width}x{height})")
+            if width * height > limits.max_pixels:
+                raise InvalidImage(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
+                )
+            img.load()
+    except InvalidImage:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImage("not a decodable image (unknown or unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidImage(f"image is over the limit of {limits.max_pixels} pixels") from None
+    except MemoryError:
+        raise InvalidImage("image too large to decode") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's fault
+        raise InvalidImage(f"corrupt or truncated {img_format(data)} image: {_short(exc)}") from None
+    return img
+
+
+def to_gray(img: Image.Image) -> Image.Image:
+    """`img.convert("L")`, as the reference does, for every mode PIL can read."""
+    try:
+        return img.convert("L")
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidImage(f"cannot convert image of mode {img.mode} to grayscale: {_short(exc)}") from None
+
+
+def decode(data: bytes, limits: ImageLimits, image_size: int) -> np.ndarray:
+    """Encoded bytes -> resized grayscale uint8 array [image_size, image_size]."""
+    gray = to_gray(open_image(data, limits))
+    resized = gray.resize((image_size, image_size), RESAMPLE)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def img_format(data: bytes) -> str:
+    """A short name of the format the bytes start with, for messages."""
+    signatures = {
+        b"\x89PNG": "PNG",
+        b"\xff\xd8": "JPEG",
+        b"GIF8": "GIF",
+        b"BM": "BMP",
+        b"RIFF": "WebP",
+        b"II*\x00": "TIFF",
+        b"MM\x00*": "TIFF",
+    }
+    for magic, name in signatures.items():
+        if data.startswith(magic):
+            return name
+    return "image"
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
