@@ -114,6 +114,10 @@ class Batcher:
                 output = await loop.run_in_executor(self._executor, self._forward, pixels)
                 if len(output.cls) != len(batch) or len(output.mean) != len(batch):
                     raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(batch)} images")
+            except asyncio.CancelledError:
+                for entry in batch:
+                    _settle(entry, exc=Unavailable("server is shutting down"))
+                raise
             except Exception:
                 log.exception("forward pass failed on a batch of %d images", len(batch))
                 self._metrics.inference_failures.inc()

@@ -6,6 +6,8 @@ transports map them to their own codes in one place each: gRPC in
 for the caller: they name the problem and never carry image bytes.
 """
 
+from pathlib import Path
+
 
 class EmbedError(Exception):
     """Base of all errors the engine reports to callers."""
@@ -44,9 +46,12 @@ class ModelLoadError(Exception):
 
     @classmethod
     def cannot_load(cls, model: str, exc: BaseException) -> "ModelLoadError":
-        text = str(exc).strip()
-        first_line = text.splitlines()[0] if text else type(exc).__name__
+        if Path(model).exists():
+            text = str(exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
+        else:
+            reason = "it is not a local folder, and the Hub copy is neither cached nor downloadable"
         return cls(
-            f"cannot load model {model!r}: {first_line} -- without network, point --model (MODEL_ID) "
+            f"cannot load model {model!r}: {reason}. Without network, point --model (or MODEL_ID) "
             "at a local folder holding config.json, the weights and preprocessor_config.json"
         )

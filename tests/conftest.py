@@ -1,0 +1,134 @@
+"""Session fixtures: a tiny random DINOv2 on disk, the reference pipeline, a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protos.dinov2.v1 import embed_pb2_grpc
+from server.app import EmbedServer
+from server.config import Settings
+from server.model import ModelRunner, Pooling, pool
+from server.preprocess import configured_processor
+from server.random_model import build_model_dir
+from tests import images
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("dinov2-tiny"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def settings(model_dir: Path) -> Settings:
+    return Settings(model=str(model_dir), host="127.0.0.1", port=0, metrics_port=0, max_wait_ms=20)
+
+
+@pytest.fixture(scope="session")
+def runner(settings: Settings) -> ModelRunner:
+    return ModelRunner.load(settings)
+
+
+class Reference:
+    """The definition of an embedding: img.convert("L") -> configured processor -> AutoModel -> pooling."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModel
+
+        self.processor = configured_processor(str(model_dir), None)
+        self.model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.first_patch = 1
+
+    @torch.inference_mode()
+    def embed(self, data: bytes, pooling: Pooling = Pooling.CLS, normalize: bool = False) -> np.ndarray:
+        img = Image.open(io.BytesIO(data)).convert("L")
+        pixel_values = self.processor(img, return_tensors="pt")["pixel_values"]
+        out = self.model(pixel_values=pixel_values)
+        cls_token = out.pooler_output[0].numpy()
+        patch_mean = out.last_hidden_state[0, self.first_patch :].mean(dim=0).numpy()
+        return pool(cls_token, patch_mean, pooling, normalize)
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir: Path) -> Reference:
+    return Reference(model_dir)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> dict[str, bytes]:
+    return images.corpus()
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:
+    """The float32 parity rule: max abs difference <= 1e-4 x max |reference|."""
+    assert actual.shape == expected.shape, what
+    tolerance = 1e-4 * float(np.abs(expected).max())
+    diff = float(np.abs(actual - expected).max())
+    assert diff <= tolerance, f"{what}: max abs diff {diff:.3g} > {tolerance:.3g}"
+
+
+class RunningServer:
+    """A real EmbedServer on a loopback port, on its own event-loop thread."""
+
+    def __init__(self, settings: Settings, runner: ModelRunner) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self._thread.start()
+        self.server: EmbedServer = self.call(self._make, settings, runner)
+        self.port: int = self.call(self.server.start)
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = embed_pb2_grpc.EmbedStub(self.channel)
+
+    @staticmethod
+    async def _make(settings: Settings, runner: ModelRunner) -> EmbedServer:
+        return EmbedServer(settings, runner)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs a coroutine function on the server's loop and waits for it."""
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(fn(*args), self.loop)
+        return future.result(timeout=120)
+
+    @property
+    def metrics(self):  # noqa: ANN201
+        return self.server.metrics
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.channel.close()
+        self.call(self.server.stop, grace)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings, runner: ModelRunner) -> Iterator[RunningServer]:
+    running = RunningServer(settings, runner)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_server(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..., RunningServer]]:
+    """Starts extra servers with changed settings; stops them after the test."""
+    started: list[RunningServer] = []
+
+    def make(**changes: Any) -> RunningServer:
+        running = RunningServer(dataclasses.replace(settings, **changes), runner)
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop(grace=1.0)

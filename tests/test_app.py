@@ -1,0 +1,90 @@
+"""`python -m server` as a user runs it: start, serve, clear start errors, SIGTERM drain."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos.dinov2.v1 import embed_pb2 as pb
+from protos.dinov2.v1 import embed_pb2_grpc
+from tests import images
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *args],
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def wait_ready(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, list[str]]:
+    """Reads the log until the engine is ready; returns the port and the lines read."""
+    lines: list[str] = []
+    port = None
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError("server exited early:\n" + "".join(lines))
+        lines.append(line)
+        if match := re.search(r"gRPC listening on [\d.]+:(\d+)", line):
+            port = int(match.group(1))
+        if "engine ready" in line and port:
+            return port, lines
+    raise AssertionError("server did not get ready:\n" + "".join(lines))
+
+
+def test_unknown_hub_id_offline_ends_with_one_clear_line(tmp_path: Path) -> None:
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--model", "facebook/dinov2-small"],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "facebook/dinov2-small" in errors[0] and "--model" in errors[0] and "local folder" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_serves_then_drains_on_sigterm(model_dir: Path) -> None:
+    proc = start_server("--model", str(model_dir), "--max-wait-ms", "200")
+    try:
+        port, lines = wait_ready(proc)
+        assert any("dtype float32 (asked auto), device cpu (asked auto)" in line for line in lines)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = embed_pb2_grpc.EmbedStub(channel)
+        assert stub.Info(pb.InfoRequest(), timeout=10).embedding_dim == 32
+        request = pb.EmbedRequest(images=[pb.Image(data=images.png(seed=i)) for i in range(8)])
+        result: dict[str, object] = {}
+
+        def call() -> None:
+            result["response"] = stub.Embed(request, timeout=60)
+
+        in_flight = threading.Thread(target=call)
+        in_flight.start()
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        in_flight.join(timeout=60)
+        response = result["response"]
+        assert all(len(e.values) == 32 for e in response.embeddings)  # type: ignore[attr-defined]
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Info(pb.InfoRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        channel.close()
+    finally:
+        proc.kill()
+        proc.wait()

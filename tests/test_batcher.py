@@ -1,0 +1,129 @@
+"""The batcher on a fake forward function: batch forming, dropping, failures, health."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server.batcher import Batcher
+from server.errors import DeadlineExceeded, InferenceFailed, Unavailable
+from server.metrics import Metrics
+from server.model import BatchOutput
+
+
+class FakeModel:
+    """Returns each image's first pixel as its 'embedding'; records batch sizes."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None) -> None:
+        self.batches: list[int] = []
+        self.seen: list[int] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def __call__(self, pixels: np.ndarray) -> BatchOutput:
+        time.sleep(self.delay_s)
+        firsts = pixels[:, 0, 0].astype(np.float32)
+        with self.lock:
+            self.batches.append(len(pixels))
+            self.seen.extend(int(v) for v in firsts)
+        if self.fail_on is not None and self.fail_on in firsts:
+            raise RuntimeError("boom")
+        return BatchOutput(cls=firsts[:, None].copy(), mean=-firsts[:, None].copy())
+
+
+def image(value: int) -> np.ndarray:
+    return np.full((4, 4), value, dtype=np.uint8)
+
+
+async def started(model: FakeModel, health: list[bool] | None = None, **kwargs: float) -> Batcher:
+    options = {"max_batch_size": 8, "max_wait_ms": 30.0, **kwargs}
+    batcher = Batcher(
+        model, metrics=Metrics(), probe=lambda: None,
+        on_health=(health.append if health is not None else lambda _: None), **options,  # type: ignore[arg-type]
+    )  # fmt: skip
+    batcher.start()
+    return batcher
+
+
+async def test_concurrent_images_fuse_into_batches_and_keep_their_outputs() -> None:
+    model = FakeModel()
+    batcher = await started(model)
+    outs = await asyncio.gather(*(batcher.submit(image(v)) for v in range(20)))
+    assert [float(o.cls[0]) for o in outs] == list(range(20))
+    assert [float(o.mean[0]) for o in outs] == [-v for v in range(20)]
+    assert model.batches == [8, 8, 4]
+    await batcher.close()
+
+
+async def test_a_lone_image_waits_at_most_max_wait() -> None:
+    model = FakeModel()
+    batcher = await started(model, max_wait_ms=50.0)
+    t0 = time.monotonic()
+    out = await batcher.submit(image(7))
+    assert 0.04 <= time.monotonic() - t0 < 1.0
+    assert out.batch_size == 1 and out.queue_s >= 0.04
+    await batcher.close()
+
+
+async def test_images_queued_while_the_model_is_busy_form_the_next_batch() -> None:
+    model = FakeModel(delay_s=0.2)
+    batcher = await started(model, max_wait_ms=0.0)
+    first = asyncio.ensure_future(batcher.submit(image(0)))
+    await asyncio.sleep(0.05)
+    rest = await asyncio.gather(*(batcher.submit(image(v)) for v in range(1, 6)))
+    await first
+    assert model.batches == [1, 5]
+    assert all(o.batch_size == 5 for o in rest)
+    await batcher.close()
+
+
+async def test_cancelled_and_expired_images_never_reach_the_model() -> None:
+    model = FakeModel(delay_s=0.2)
+    batcher = await started(model, max_wait_ms=0.0)
+    busy = asyncio.ensure_future(batcher.submit(image(1)))
+    await asyncio.sleep(0.05)
+    cancelled = asyncio.ensure_future(batcher.submit(image(2)))
+    expired = asyncio.ensure_future(batcher.submit(image(3), deadline=time.monotonic() + 0.01))
+    kept = asyncio.ensure_future(batcher.submit(image(4)))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    await busy
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    assert float((await kept).cls[0]) == 4
+    assert model.seen == [1, 4]
+    metrics = batcher._metrics
+    assert metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) == 1
+    assert metrics.value("dinov2_dropped_images_total", {"reason": "deadline"}) == 1
+    await batcher.close()
+
+
+async def test_a_failing_batch_fails_only_its_images_and_the_worker_recovers() -> None:
+    model = FakeModel(fail_on=13)
+    health: list[bool] = []
+    batcher = await started(model, health, max_wait_ms=0.0)
+    with pytest.raises(InferenceFailed):
+        await batcher.submit(image(13))
+    assert float((await batcher.submit(image(5))).cls[0]) == 5
+    assert False in health and health[-1] is True
+    await batcher.close()
+
+
+async def test_close_fails_waiting_images_and_refuses_new_ones() -> None:
+    model = FakeModel(delay_s=0.3)
+    batcher = await started(model, max_wait_ms=0.0)
+    busy = asyncio.ensure_future(batcher.submit(image(1)))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.ensure_future(batcher.submit(image(2)))
+    await asyncio.sleep(0.01)
+    await batcher.close()
+    for pending in (busy, waiting):
+        with pytest.raises(Unavailable):
+            await pending
+    with pytest.raises(Unavailable):
+        await batcher.submit(image(3))

@@ -1,0 +1,36 @@
+"""Settings: flags beat environment, environment beats defaults, bad values are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import Settings, load_settings
+
+
+def test_defaults() -> None:
+    settings = load_settings([], {})
+    assert settings == Settings()
+    assert settings.model == "facebook/dinov2-small" and settings.dtype == "auto"
+
+
+def test_environment_then_flags() -> None:
+    env = {"MODEL_ID": "/models/x", "MAX_BATCH_SIZE": "8", "MAX_WAIT_MS": "2.5", "PORT": "1234"}
+    settings = load_settings(["--max-batch-size", "16"], env)
+    assert settings.model == "/models/x"
+    assert settings.max_batch_size == 16
+    assert settings.max_wait_ms == 2.5
+    assert settings.port == 1234
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        ([], {"MAX_BATCH_SIZE": "many"}, "MAX_BATCH_SIZE='many' is not a valid int"),
+        ([], {"DTYPE": "int8"}, "DTYPE must be one of"),
+        (["--max-batch-size", "0"], {}, "max_batch_size must be at least 1"),
+    ],
+)
+def test_bad_values_end_with_a_clear_message(argv: list[str], env: dict[str, str], message: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_settings(argv, env)
+    assert message in str(info.value)
