@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 
 from server.app import serve
 from server.config import load_settings
 from server.errors import ModelLoadError
+from server.logs import configure_logging
 
 
 def main() -> int:
     settings = load_settings(sys.argv[1:], os.environ)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except ModelLoadError as exc:

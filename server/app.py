@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 from server.config import Settings
 from server.grpc_service import EmbedServicer
+from server.interceptors import ApiKeyInterceptor, RequestIdInterceptor
 from server.metrics import Metrics
 from server.model import ModelRunner
 from server.service import EmbedService
@@ -36,7 +37,11 @@ class EmbedServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
+        if settings.api_key:
+            interceptors.append(ApiKeyInterceptor(settings.api_key))
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_request_bytes),
                 ("grpc.max_send_message_length", settings.max_request_bytes),
@@ -51,15 +56,22 @@ class EmbedServer:
 
     async def start(self) -> int:
         """Listens (health NOT_SERVING), warms the model up, then reports SERVING; returns the port."""
-        self.port = self._server.add_insecure_port(self.settings.address)
+        self.port = self._listen()
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
         self.service.add_health_listener(self._publish_health)
         await self._server.start()
-        log.info("gRPC listening on %s:%d", self.settings.host, self.port)
+        log.info("gRPC listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if self.settings.tls_cert else "")
         self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         await self.service.start()
         return self.port
+
+    def _listen(self) -> int:
+        if self.settings.tls_cert and self.settings.tls_key:
+            with open(self.settings.tls_key, "rb") as key, open(self.settings.tls_cert, "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            return self._server.add_secure_port(self.settings.address, credentials)
+        return self._server.add_insecure_port(self.settings.address)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: new work gets UNAVAILABLE, work in flight finishes within `grace` seconds."""

@@ -59,6 +59,7 @@ class Batcher:
         max_wait_ms: float,
         metrics: Metrics,
         probe: Callable[[], None] | None = None,
+        probe_interval_s: float = 2.0,
         on_health: Callable[[bool], None] = lambda healthy: None,
     ) -> None:
         self._forward = forward
@@ -66,7 +67,10 @@ class Batcher:
         self._max_wait_s = max_wait_ms / 1000.0
         self._metrics = metrics
         self._probe = probe
+        self._probe_interval_s = probe_interval_s
         self._on_health = on_health
+        self._healthy = True
+        self._prober: asyncio.Task[None] | None = None
         self._pending: collections.deque[_Entry] = collections.deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -77,10 +81,11 @@ class Batcher:
 
     async def close(self) -> None:
         """Stops batching; images still queued fail with `Unavailable`."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._prober):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._prober = None
         while self._pending:
             entry = self._pending.popleft()
             if not entry.future.done():
@@ -123,12 +128,12 @@ class Batcher:
                 self._metrics.inference_failures.inc()
                 for entry in batch:
                     _settle(entry, exc=InferenceFailed("inference failed on this image's batch; retry"))
-                await self._recover(loop)
+                self._set_healthy(False)
                 continue
             elapsed = time.monotonic() - started
             self._metrics.batch_size.observe(len(batch))
             self._metrics.inference_seconds.observe(elapsed)
-            self._on_health(True)
+            self._set_healthy(True)
             for row, entry in enumerate(batch):
                 queued = started - entry.enqueued_at
                 self._metrics.queue_seconds.observe(queued)
@@ -169,17 +174,26 @@ class Batcher:
                 live.append(entry)
         return live
 
-    async def _recover(self, loop: asyncio.AbstractEventLoop) -> None:
-        """After a failed batch: unhealthy until a probe forward pass succeeds."""
-        self._on_health(False)
-        if self._probe is None:
+    def _set_healthy(self, healthy: bool) -> None:
+        """Reports changes; while unhealthy, a prober retries a forward pass until one succeeds."""
+        if healthy == self._healthy:
             return
-        try:
-            await loop.run_in_executor(self._executor, self._probe)
-        except Exception:
-            log.exception("probe after a failed batch failed too; staying unhealthy until a batch succeeds")
-        else:
-            self._on_health(True)
+        self._healthy = healthy
+        self._on_health(healthy)
+        if not healthy and self._probe is not None and (self._prober is None or self._prober.done()):
+            self._prober = asyncio.get_running_loop().create_task(self._probe_until_healthy(), name="prober")
+
+    async def _probe_until_healthy(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._healthy:
+            try:
+                await loop.run_in_executor(self._executor, self._probe)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - logged, retried
+                log.warning("probe forward pass failed (%s); retrying in %.1f s", type(exc).__name__,
+                            self._probe_interval_s)  # fmt: skip
+                await asyncio.sleep(self._probe_interval_s)
+            else:
+                self._set_healthy(True)
 
 
 def _settle(entry: _Entry, result: ItemOutput | None = None, exc: Exception | None = None) -> None:

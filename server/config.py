@@ -17,8 +17,8 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _opt(default: Any, help: str, env: str | None = None, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, "env": env, **extra})
+def _opt(default: Any, help: str, env: str | None = None, secret: bool = False, **extra: Any) -> Any:
+    return field(default=default, repr=not secret, metadata={"help": help, "env": env, **extra})
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,22 @@ class Settings:
     grace_s: float = _opt(30.0, "On SIGTERM, how long in-flight work may take to finish.")
     metrics_port: int = _opt(9090, "Prometheus metrics port (-1 disables, 0 picks a free one).")
     log_level: str = _opt("INFO", "Logging level.")
+    runpod_concurrency: int = _opt(64, "RunPod jobs one worker runs at once (runpod_handler.py only).")
+    log_format: str = _opt("text", "Log lines as text or json.", choices=("text", "json"))
+    api_key: str | None = _opt(None, "Require 'authorization: Bearer <key>' on every RPC but health.", secret=True)
+    tls_cert: str | None = _opt(None, "PEM certificate file; with --tls-key, serve TLS.")
+    tls_key: str | None = _opt(None, "PEM private key file of --tls-cert.")
+    probe_interval_s: float = _opt(2.0, "While the model fails, how often a probe forward pass is tried.")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
                      "max_image_pixels", "max_request_bytes", "preprocess_workers", "stream_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.grace_s < 0:
-            raise ValueError("max_wait_ms and grace_s must not be negative")
+        if self.max_wait_ms < 0 or self.grace_s < 0 or self.probe_interval_s <= 0:
+            raise ValueError("max_wait_ms and grace_s must not be negative, probe_interval_s must be positive")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
 
     @property
     def address(self) -> str:

@@ -84,8 +84,17 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
 
     async def _embed(self, request: embed_pb2.EmbedRequest, deadline: float | None) -> embed_pb2.EmbedResponse:
         started = time.monotonic()
-        results = await self._service.embed([image.data for image in request.images], _options(request), deadline)
-        return _response(request, results, started)
+        try:
+            results = await self._service.embed([image.data for image in request.images], _options(request), deadline)
+        except errors.EmbedError as exc:
+            log.info("request refused: %s: %s", status_of(exc).name, exc)
+            raise
+        for index, result in enumerate(results):
+            if result.error is not None:
+                log.debug("image %d (id %r) failed: %s", index, request.images[index].id[:100], result.error)
+        response = _response(request, results, started)
+        log.debug("embedded %d images in %.1f ms", len(results), response.timing.total_ms)
+        return response
 
     async def Embed(  # noqa: N802 - gRPC method name
         self, request: embed_pb2.EmbedRequest, context: grpc.aio.ServicerContext

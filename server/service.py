@@ -84,6 +84,7 @@ class EmbedService:
             max_wait_ms=settings.max_wait_ms,
             metrics=self.metrics,
             probe=runner.warmup,
+            probe_interval_s=settings.probe_interval_s,
             on_health=self._set_healthy,
         )
         self._in_flight = 0

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -79,6 +80,32 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, what: str = "") -> No
     assert diff <= tolerance, f"{what}: max abs diff {diff:.3g} > {tolerance:.3g}"
 
 
+class ControlledRunner:
+    """The real runner, with a delay and failures the test switches on and off."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self._runner = runner
+        self.delay_s = 0.0
+        self.failing = False
+        self.fail_batches = 0
+        self.images_seen = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def embed(self, pixels: np.ndarray) -> Any:
+        time.sleep(self.delay_s)
+        if self.failing or self.fail_batches > 0:
+            self.fail_batches = max(0, self.fail_batches - 1)
+            raise RuntimeError("injected fault")
+        self.images_seen += len(pixels)
+        return self._runner.embed(pixels)
+
+    def warmup(self) -> None:
+        size = self._runner.image_size
+        self.embed(np.zeros((1, size, size), dtype=np.uint8))
+
+
 class RunningServer:
     """A real EmbedServer on a loopback port, on its own event-loop thread."""
 
@@ -124,8 +151,8 @@ def make_server(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..
     """Starts extra servers with changed settings; stops them after the test."""
     started: list[RunningServer] = []
 
-    def make(**changes: Any) -> RunningServer:
-        running = RunningServer(dataclasses.replace(settings, **changes), runner)
+    def make(runner_: Any = None, **changes: Any) -> RunningServer:
+        running = RunningServer(dataclasses.replace(settings, **changes), runner_ or runner)
         started.append(running)
         return running
 

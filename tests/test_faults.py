@@ -1,0 +1,99 @@
+"""Faults, deadlines and cancellation: only the affected work fails, the worker recovers,
+and work nobody waits for never reaches the model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.dinov2.v1 import embed_pb2 as pb
+from tests import images
+from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close
+
+
+def health(server: RunningServer) -> int:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service="dinov2.v1.Embed"), timeout=5).status
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def request(n: int, seed: int = 0) -> pb.EmbedRequest:
+    return pb.EmbedRequest(images=[pb.Image(data=images.png(40, 40, seed=seed + i), id=str(i)) for i in range(n)])
+
+
+def test_a_failing_batch_fails_only_its_images_then_the_next_batch_succeeds(
+    make_server, runner, reference: Reference  # noqa: ANN001
+) -> None:
+    controlled = ControlledRunner(runner)
+    server = make_server(controlled, probe_interval_s=0.1)
+    controlled.fail_batches = 1
+    failed = server.stub.Embed(request(3), timeout=30)
+    assert [e.error.code for e in failed.embeddings] == [grpc.StatusCode.INTERNAL.value[0]] * 3
+    assert "inference failed" in failed.embeddings[0].error.message
+    assert "injected" not in failed.embeddings[0].error.message
+    ok = server.stub.Embed(request(2, seed=7), timeout=30)
+    for i, item in enumerate(ok.embeddings):
+        assert_close(np.array(item.values, np.float32), reference.embed(images.png(40, 40, seed=7 + i)), str(i))
+    wait_for(lambda: health(server) == health_pb2.HealthCheckResponse.SERVING)
+    assert server.metrics.value("dinov2_inference_failures_total") >= 1
+
+
+def test_health_is_not_serving_while_the_model_fails_and_serving_after(make_server, runner) -> None:  # noqa: ANN001
+    controlled = ControlledRunner(runner)
+    server = make_server(controlled, probe_interval_s=0.1)
+    controlled.failing = True
+    response = server.stub.Embed(request(1), timeout=30)
+    assert response.embeddings[0].error.code == grpc.StatusCode.INTERNAL.value[0]
+    wait_for(lambda: health(server) == health_pb2.HealthCheckResponse.NOT_SERVING)
+    time.sleep(0.3)
+    assert health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+    controlled.failing = False
+    wait_for(lambda: health(server) == health_pb2.HealthCheckResponse.SERVING)
+    assert server.stub.Embed(request(1), timeout=30).embeddings[0].values
+
+
+def test_expired_unary_requests_never_reach_the_model(make_server, runner) -> None:  # noqa: ANN001
+    controlled = ControlledRunner(runner)
+    server = make_server(controlled, max_wait_ms=0)
+    controlled.delay_s = 0.5
+    busy = threading.Thread(target=lambda: server.stub.Embed(request(1), timeout=30))
+    busy.start()
+    time.sleep(0.1)
+    seen_before = controlled.images_seen
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Embed(request(5, seed=50), timeout=0.15)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    busy.join()
+    controlled.delay_s = 0.0
+    server.stub.Embed(request(1), timeout=30)
+    assert controlled.images_seen - seen_before == 1 + 1  # the busy image and the last one
+    dropped = server.metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) + server.metrics.value(
+        "dinov2_dropped_images_total", {"reason": "deadline"}
+    )
+    assert dropped == 5
+
+
+def test_a_stream_cancelled_midway_sends_nothing_more_to_the_model(make_server, runner) -> None:  # noqa: ANN001
+    controlled = ControlledRunner(runner)
+    server = make_server(controlled, max_batch_size=4, max_wait_ms=0)
+    controlled.delay_s = 0.3
+    seen_before = controlled.images_seen
+    call = server.stub.EmbedStream(iter([request(4, seed=10 * k) for k in range(10)]), timeout=60)
+    first = next(call)
+    assert len(first.embeddings) == 4
+    call.cancel()
+    wait_for(lambda: server.metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) >= 28)
+    wait_for(lambda: server.metrics.value("dinov2_queue_depth") == 0)
+    assert controlled.images_seen - seen_before <= 12  # the first batch, and at most two more in flight

@@ -1,0 +1,82 @@
+"""Security and request ids: API key, TLS, x-request-id, and what logs must never hold."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.dinov2.v1 import embed_pb2 as pb
+from protos.dinov2.v1 import embed_pb2_grpc
+from tests import images
+
+KEY = "s3cret-key-0123456789"
+
+
+def one_image() -> pb.EmbedRequest:
+    return pb.EmbedRequest(images=[pb.Image(data=images.png(), id="a")])
+
+
+def test_api_key_is_required_except_for_health(make_server) -> None:  # noqa: ANN001
+    server = make_server(api_key=KEY)
+    for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", KEY),)]:
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub.Embed(one_image(), metadata=metadata, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer <key>" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        list(server.stub.EmbedStream(iter([one_image()]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    good = (("authorization", f"Bearer {KEY}"),)
+    assert server.stub.Embed(one_image(), metadata=good, timeout=10).embeddings[0].values
+    assert list(server.stub.EmbedStream(iter([one_image()]), metadata=good, timeout=10))[0].embeddings[0].values
+    status = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_request_id_is_echoed_or_made(server) -> None:  # noqa: ANN001
+    _, call = server.stub.Embed.with_call(one_image(), metadata=(("x-request-id", "abc-123"),), timeout=10)
+    assert dict(call.initial_metadata())["x-request-id"] == "abc-123"
+    _, call = server.stub.Embed.with_call(one_image(), timeout=10)
+    assert len(dict(call.initial_metadata())["x-request-id"]) == 16
+
+
+def test_logs_hold_neither_keys_nor_image_bytes(make_server, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    caplog.set_level(logging.DEBUG)
+    server = make_server(api_key=KEY)
+    marker = b"IMAGEBYTESMARKER" * 8
+    good = (("authorization", f"Bearer {KEY}"),)
+    server.stub.Embed(pb.EmbedRequest(images=[pb.Image(data=marker)]), metadata=good, timeout=10)
+    with pytest.raises(grpc.RpcError):
+        server.stub.Embed(pb.EmbedRequest(), metadata=good, timeout=10)
+    text = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
+    assert KEY not in text and "IMAGEBYTESMARKER" not in text
+    assert KEY not in repr(server.server.settings)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_serves_secure_clients_only(make_server, certificate: tuple[Path, Path]) -> None:  # noqa: ANN001
+    cert, key = certificate
+    server = make_server(tls_cert=str(cert), tls_key=str(key))
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
+        stub = embed_pb2_grpc.EmbedStub(channel)
+        assert stub.Embed(one_image(), timeout=10).embeddings[0].values
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Info(pb.InfoRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
