@@ -102,6 +102,8 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     except InvalidImage:
         raise
     except UnidentifiedImageError:
+        if (kind := img_format(data)) != "image":
+            raise InvalidImage(f"corrupt or truncated {kind} image: its header cannot be read") from None
         raise InvalidImage("not a decodable image (unknown or unsupported format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidImage(f"image is over the limit of {limits.max_pixels} pixels") from None

@@ -146,9 +146,7 @@ def server(settings: Settings, runner: ModelRunner) -> Iterator[RunningServer]:
     running.stop()
 
 
-@pytest.fixture
-def make_server(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..., RunningServer]]:
-    """Starts extra servers with changed settings; stops them after the test."""
+def _server_factory(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..., RunningServer]]:
     started: list[RunningServer] = []
 
     def make(runner_: Any = None, **changes: Any) -> RunningServer:
@@ -159,3 +157,15 @@ def make_server(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..
     yield make
     for running in started:
         running.stop(grace=1.0)
+
+
+@pytest.fixture
+def make_server(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..., RunningServer]]:
+    """Starts extra servers with changed settings (and runner); stops them after the test."""
+    yield from _server_factory(settings, runner)
+
+
+@pytest.fixture(scope="module")
+def make_server_module(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..., RunningServer]]:
+    """make_server for servers shared by the tests of one module."""
+    yield from _server_factory(settings, runner)

@@ -36,7 +36,7 @@ def png_header_claiming(width: int, height: int) -> bytes:
         (images.png()[:60], "corrupt or truncated PNG"),
         (images.jpeg(64, 64)[:300], "corrupt or truncated JPEG"),
         (png_header_claiming(100_000, 100_000), "over the limit of 30000000"),
-        (png_header_claiming(0, 10), "not a decodable image"),
+        (png_header_claiming(0, 10), "corrupt or truncated PNG image: its header cannot be read"),
         (b"\x00" * 2_000_000, "over the limit of 1000000"),
     ],
 )

@@ -1,0 +1,57 @@
+"""Property test of the decode path on mutated real images: it returns a 224x224 uint8
+image or raises InvalidImage; never another exception, a hang or a huge allocation."""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.errors import InvalidImage
+from server.preprocess import ImageLimits, decode
+from tests import images
+
+SEEDS = {
+    "png": images.png(40, 30, seed=1),
+    "jpeg": images.jpeg(48, 40, seed=2),
+    "gif": images.encode(images.rgb(30, 20, seed=3).convert("P"), "GIF"),
+    "bmp": images.encode(images.rgb(20, 20, seed=4), "BMP"),
+    "tiff": images.encode(images.rgb(24, 16, seed=5), "TIFF"),
+    "webp": images.encode(images.rgb(32, 32, seed=6), "WEBP"),
+}
+LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=4_000_000)
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+    for _ in range(draw(st.integers(1, 8))):
+        action = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
+        position = draw(st.integers(0, max(len(data) - 1, 0)))
+        if action == "flip" and data:
+            data[position] ^= 1 << draw(st.integers(0, 7))
+        elif action == "set" and data:
+            data[position] = draw(st.sampled_from([0x00, 0xFF, 0x7F, 0x80]))
+        elif action == "insert":
+            data[position:position] = draw(st.binary(min_size=1, max_size=16))
+        elif action == "delete":
+            del data[position : position + draw(st.integers(1, 16))]
+        elif action == "truncate":
+            del data[position:]
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.too_slow], database=None)
+@given(mutated())
+def test_mutated_images_decode_or_fail_cleanly(data: bytes) -> None:
+    try:
+        out = decode(data, LIMITS, 224)
+    except InvalidImage as exc:
+        assert str(exc)
+    else:
+        assert out.shape == (224, 224) and out.dtype == np.uint8
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 6 * 1024 * 1024  # KB: under 6 GB peak
