@@ -37,6 +37,7 @@ class EmbedServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._health_updates: set[asyncio.Future[None]] = set()
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
         if settings.api_key:
             interceptors.append(ApiKeyInterceptor(settings.api_key))
@@ -88,7 +89,9 @@ class EmbedServer:
     def _publish_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
-            asyncio.ensure_future(self.health.set(name, status))
+            task = asyncio.ensure_future(self.health.set(name, status))
+            self._health_updates.add(task)
+            task.add_done_callback(self._health_updates.discard)
 
 
 async def serve(settings: Settings) -> None:

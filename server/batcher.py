@@ -188,7 +188,7 @@ class Batcher:
         while not self._healthy:
             try:
                 await loop.run_in_executor(self._executor, self._probe)  # type: ignore[arg-type]
-            except Exception as exc:  # noqa: BLE001 - logged, retried
+            except Exception as exc:
                 log.warning("probe forward pass failed (%s); retrying in %.1f s", type(exc).__name__,
                             self._probe_interval_s)  # fmt: skip
                 await asyncio.sleep(self._probe_interval_s)

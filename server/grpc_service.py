@@ -96,7 +96,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         log.debug("embedded %d images in %.1f ms", len(results), response.timing.total_ms)
         return response
 
-    async def Embed(  # noqa: N802 - gRPC method name
+    async def Embed(
         self, request: embed_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> embed_pb2.EmbedResponse:
         try:
@@ -107,7 +107,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self._metrics.requests.labels("Embed", "OK").inc()
         return response
 
-    async def EmbedStream(  # noqa: N802
+    async def EmbedStream(
         self, request_iterator: AsyncIterator[embed_pb2.EmbedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[embed_pb2.EmbedResponse]:
         """Up to `stream_window` requests in flight; responses in request order."""
@@ -143,7 +143,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self._metrics.requests.labels("EmbedStream", "OK").inc()
         return response
 
-    async def Info(  # noqa: N802
+    async def Info(
         self, request: embed_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> embed_pb2.InfoResponse:
         self._metrics.requests.labels("Info", "OK").inc()

@@ -24,7 +24,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("dinov2_requests", "RPCs and jobs answered, by method and status code.",
                                 ["method", "code"], registry=r)  # fmt: skip
-        self.images = Counter("dinov2_images", "Images answered, by outcome (ok or error type).", ["outcome"], registry=r)
+        self.images = Counter("dinov2_images", "Images answered, by outcome (ok or error type).", ["outcome"],
+                              registry=r)  # fmt: skip
         self.in_flight = Gauge("dinov2_in_flight_images", "Images accepted and not yet answered.", registry=r)
         self.queue_depth = Gauge("dinov2_queue_depth", "Decoded images waiting for a batch.", registry=r)
         self.batch_size = Histogram("dinov2_batch_size", "Images per forward pass.", buckets=_BATCH_BUCKETS,

@@ -42,7 +42,7 @@ class Normalization:
     std: tuple[float, float, float]
 
 
-def configured_processor(model: str, revision: str | None, image_size: int = 224):  # noqa: ANN201
+def configured_processor(model: str, revision: str | None, image_size: int = 224):
     """The model's image processor, overridden to resize to image_size squared with no crop.
 
     This is the reference the fast path must equal; the Hub's DINOv2 processor
@@ -109,7 +109,7 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InvalidImage(f"image is over the limit of {limits.max_pixels} pixels") from None
     except MemoryError:
         raise InvalidImage("image too large to decode") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's fault
+    except Exception as exc:
         raise InvalidImage(f"corrupt or truncated {img_format(data)} image: {_short(exc)}") from None
     return img
 
@@ -118,7 +118,7 @@ def to_gray(img: Image.Image) -> Image.Image:
     """`img.convert("L")`, as the reference does, for every mode PIL can read."""
     try:
         return img.convert("L")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InvalidImage(f"cannot convert image of mode {img.mode} to grayscale: {_short(exc)}") from None
 
 

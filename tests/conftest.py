@@ -129,7 +129,7 @@ class RunningServer:
         return future.result(timeout=120)
 
     @property
-    def metrics(self):  # noqa: ANN201
+    def metrics(self):
         return self.server.metrics
 
     def stop(self, grace: float = 5.0) -> None:

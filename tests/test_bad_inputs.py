@@ -17,7 +17,7 @@ from tests.conftest import Reference, RunningServer, assert_close
 
 
 @pytest.fixture(scope="module")
-def strict_server(make_server_module) -> RunningServer:  # noqa: ANN001
+def strict_server(make_server_module) -> RunningServer:
     return make_server_module(max_image_bytes=bad_inputs.MAX_IMAGE_BYTES, max_image_pixels=bad_inputs.MAX_IMAGE_PIXELS)
 
 

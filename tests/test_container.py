@@ -111,7 +111,8 @@ def test_healthcheck_recognises_the_runpod_worker(tmp_path: Path) -> None:
 
 
 def test_kubernetes_manifests() -> None:
-    docs = {doc["kind"]: doc for path in (ROOT / "deploy/k8s").glob("*.yaml") for doc in yaml.safe_load_all(path.read_text())}
+    manifests = sorted((ROOT / "deploy/k8s").glob("*.yaml"))
+    docs = {doc["kind"]: doc for path in manifests for doc in yaml.safe_load_all(path.read_text())}
     container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "server"]
     assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": "dinov2.v1.Embed"}

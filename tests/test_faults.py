@@ -34,7 +34,7 @@ def request(n: int, seed: int = 0) -> pb.EmbedRequest:
 
 
 def test_a_failing_batch_fails_only_its_images_then_the_next_batch_succeeds(
-    make_server, runner, reference: Reference  # noqa: ANN001
+    make_server, runner, reference: Reference
 ) -> None:
     controlled = ControlledRunner(runner)
     server = make_server(controlled, probe_interval_s=0.1)
@@ -50,7 +50,7 @@ def test_a_failing_batch_fails_only_its_images_then_the_next_batch_succeeds(
     assert server.metrics.value("dinov2_inference_failures_total") >= 1
 
 
-def test_health_is_not_serving_while_the_model_fails_and_serving_after(make_server, runner) -> None:  # noqa: ANN001
+def test_health_is_not_serving_while_the_model_fails_and_serving_after(make_server, runner) -> None:
     controlled = ControlledRunner(runner)
     server = make_server(controlled, probe_interval_s=0.1)
     controlled.failing = True
@@ -64,7 +64,7 @@ def test_health_is_not_serving_while_the_model_fails_and_serving_after(make_serv
     assert server.stub.Embed(request(1), timeout=30).embeddings[0].values
 
 
-def test_expired_unary_requests_never_reach_the_model(make_server, runner) -> None:  # noqa: ANN001
+def test_expired_unary_requests_never_reach_the_model(make_server, runner) -> None:
     controlled = ControlledRunner(runner)
     server = make_server(controlled, max_wait_ms=0)
     controlled.delay_s = 0.5
@@ -85,7 +85,7 @@ def test_expired_unary_requests_never_reach_the_model(make_server, runner) -> No
     assert dropped == 5
 
 
-def test_a_stream_cancelled_midway_sends_nothing_more_to_the_model(make_server, runner) -> None:  # noqa: ANN001
+def test_a_stream_cancelled_midway_sends_nothing_more_to_the_model(make_server, runner) -> None:
     controlled = ControlledRunner(runner)
     server = make_server(controlled, max_batch_size=4, max_wait_ms=0)
     controlled.delay_s = 0.3

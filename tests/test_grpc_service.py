@@ -155,7 +155,7 @@ def test_metrics_endpoint_serves_prometheus_text(server: RunningServer) -> None:
     assert 'dinov2_requests_total{code="OK",method="Embed"}' in body
 
 
-def test_full_queue_answers_resource_exhausted(make_server) -> None:  # noqa: ANN001
+def test_full_queue_answers_resource_exhausted(make_server) -> None:
     small = make_server(max_queue_images=4)
     with pytest.raises(grpc.RpcError) as info:
         small.stub.Embed(request([images.png()] * 5), timeout=10)
@@ -166,7 +166,7 @@ def test_full_queue_answers_resource_exhausted(make_server) -> None:  # noqa: AN
     assert streamed[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
-def test_oversized_message_is_refused_with_a_clear_status(make_server) -> None:  # noqa: ANN001
+def test_oversized_message_is_refused_with_a_clear_status(make_server) -> None:
     small = make_server(max_request_bytes=10_000)
     with pytest.raises(grpc.RpcError) as info:
         small.stub.Embed(request([b"\x00" * 20_000]), timeout=10)
@@ -174,7 +174,7 @@ def test_oversized_message_is_refused_with_a_clear_status(make_server) -> None: 
     assert "larger than max" in info.value.details()
 
 
-def test_draining_server_refuses_new_work_and_reports_not_serving(make_server) -> None:  # noqa: ANN001
+def test_draining_server_refuses_new_work_and_reports_not_serving(make_server) -> None:
     running = make_server()
 
     async def drain() -> None:

@@ -21,7 +21,7 @@ def one_image() -> pb.EmbedRequest:
     return pb.EmbedRequest(images=[pb.Image(data=images.png(), id="a")])
 
 
-def test_api_key_is_required_except_for_health(make_server) -> None:  # noqa: ANN001
+def test_api_key_is_required_except_for_health(make_server) -> None:
     server = make_server(api_key=KEY)
     for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", KEY),)]:
         with pytest.raises(grpc.RpcError) as info:
@@ -33,19 +33,20 @@ def test_api_key_is_required_except_for_health(make_server) -> None:  # noqa: AN
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     good = (("authorization", f"Bearer {KEY}"),)
     assert server.stub.Embed(one_image(), metadata=good, timeout=10).embeddings[0].values
-    assert list(server.stub.EmbedStream(iter([one_image()]), metadata=good, timeout=10))[0].embeddings[0].values
+    (streamed,) = server.stub.EmbedStream(iter([one_image()]), metadata=good, timeout=10)
+    assert streamed.embeddings[0].values
     status = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_request_id_is_echoed_or_made(server) -> None:  # noqa: ANN001
+def test_request_id_is_echoed_or_made(server) -> None:
     _, call = server.stub.Embed.with_call(one_image(), metadata=(("x-request-id", "abc-123"),), timeout=10)
     assert dict(call.initial_metadata())["x-request-id"] == "abc-123"
     _, call = server.stub.Embed.with_call(one_image(), timeout=10)
     assert len(dict(call.initial_metadata())["x-request-id"]) == 16
 
 
-def test_logs_hold_neither_keys_nor_image_bytes(make_server, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+def test_logs_hold_neither_keys_nor_image_bytes(make_server, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     server = make_server(api_key=KEY)
     marker = b"IMAGEBYTESMARKER" * 8
@@ -70,7 +71,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_serves_secure_clients_only(make_server, certificate: tuple[Path, Path]) -> None:  # noqa: ANN001
+def test_tls_serves_secure_clients_only(make_server, certificate: tuple[Path, Path]) -> None:
     cert, key = certificate
     server = make_server(tls_cert=str(cert), tls_key=str(key))
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())

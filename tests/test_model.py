@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from server.config import Settings
-from server.model import ModelRunner, Pooling, pool, resolve_dtype, resolve_device
+from server.model import ModelRunner, Pooling, pool, resolve_device, resolve_dtype
 from server.preprocess import ImageLimits, decode
 from tests.conftest import Reference, assert_close
 

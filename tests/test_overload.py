@@ -21,7 +21,7 @@ QUEUE_BOUND = 32
 
 
 def test_overload_is_refused_fast_and_accepted_work_is_correct(
-    make_server, runner, reference: Reference  # noqa: ANN001
+    make_server, runner, reference: Reference
 ) -> None:
     controlled = ControlledRunner(runner)
     controlled.delay_s = 0.05

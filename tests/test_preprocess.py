@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,18 +9,9 @@ from PIL import Image
 from server.errors import InvalidImage
 from server.preprocess import ImageLimits, decode, normalization_of
 from tests import images
+from tests.bad_inputs import png_claiming
 
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=30_000_000)
-
-
-def png_header_claiming(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height, with one tiny IDAT."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(
@@ -35,8 +23,8 @@ def png_header_claiming(width: int, height: int) -> bytes:
         (b"%PDF-1.4\n1 0 obj\n", "not a decodable image"),
         (images.png()[:60], "corrupt or truncated PNG"),
         (images.jpeg(64, 64)[:300], "corrupt or truncated JPEG"),
-        (png_header_claiming(100_000, 100_000), "over the limit of 30000000"),
-        (png_header_claiming(0, 10), "corrupt or truncated PNG image: its header cannot be read"),
+        (png_claiming(100_000, 100_000), "over the limit of 30000000"),
+        (png_claiming(0, 10), "corrupt or truncated PNG image: its header cannot be read"),
         (b"\x00" * 2_000_000, "over the limit of 1000000"),
     ],
 )
@@ -59,7 +47,7 @@ def test_decode_is_grayscale_resize_of_the_image() -> None:
     np.testing.assert_array_equal(out, expected)
 
 
-def test_normalization_read_from_the_configured_processor(reference) -> None:  # noqa: ANN001
+def test_normalization_read_from_the_configured_processor(reference) -> None:
     norm = normalization_of(reference.processor)
     assert norm.image_size == 224
     assert norm.mean == pytest.approx((0.485, 0.456, 0.406))
