@@ -49,10 +49,13 @@ class Settings:
     tls_cert: str | None = _opt(None, "PEM certificate file; with --tls-key, serve TLS.")
     tls_key: str | None = _opt(None, "PEM private key file of --tls-cert.")
     probe_interval_s: float = _opt(2.0, "While the model fails, how often a probe forward pass is tried.")
+    compile: str = _opt("off", "torch.compile the model: on or off (minutes more to start).", choices=("off", "on"))
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
-                     "max_image_pixels", "max_request_bytes", "preprocess_workers", "stream_window"):
+        positive = ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
+                    "max_image_pixels", "max_request_bytes", "preprocess_workers", "stream_window",
+                    "runpod_concurrency")  # fmt: skip
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.probe_interval_s <= 0:

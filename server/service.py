@@ -18,9 +18,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
+from server.admission import Admission
 from server.batcher import Batcher
 from server.config import Settings
-from server.errors import EmbedError, InvalidRequest, Overloaded, Unavailable
+from server.errors import EmbedError, InvalidRequest, Unavailable
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
 from server.preprocess import ImageLimits, decode
@@ -87,7 +88,7 @@ class EmbedService:
             probe_interval_s=settings.probe_interval_s,
             on_health=self._set_healthy,
         )
-        self._in_flight = 0
+        self._admission = Admission(settings.max_queue_images)
         self._ready = False
         self._healthy = True
         self._draining = False
@@ -138,13 +139,14 @@ class EmbedService:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     async def embed(
-        self, images: Sequence[bytes], options: EmbedOptions, deadline: float | None = None
+        self, images: Sequence[bytes], options: EmbedOptions, deadline: float | None = None, wait: bool = False
     ) -> list[ImageResult]:
         """Embeds the images of one request, in order; per-image failures are in the results.
 
         Raises a request-level `EmbedError` when the request cannot be taken
-        at all: malformed, over the queue bound, or the engine is draining.
-        `deadline` is a `time.monotonic()` instant.
+        at all: malformed, the engine draining, or over the queue bound (unless
+        `wait`, which queues for capacity instead). `deadline` is a
+        `time.monotonic()` instant.
         """
         if self._draining or not self._ready:
             raise Unavailable("server is draining" if self._draining else "server is not ready yet")
@@ -153,18 +155,16 @@ class EmbedService:
         limit = self.settings.max_images_per_request
         if len(images) > limit:
             raise InvalidRequest(f"request has {len(images)} images, over the limit of {limit} per request")
-        if self._in_flight + len(images) > self.settings.max_queue_images:
-            raise Overloaded(
-                f"server is at capacity ({self._in_flight} images in flight, bound "
-                f"{self.settings.max_queue_images}); retry with backoff"
-            )
-        self._in_flight += len(images)
-        self.metrics.in_flight.set(self._in_flight)
+        if wait:
+            await self._admission.acquire(len(images))
+        else:
+            self._admission.try_acquire(len(images))
+        self.metrics.in_flight.set(self._admission.in_flight)
         try:
             results = await asyncio.gather(*(self._embed_one(data, options, deadline) for data in images))
         finally:
-            self._in_flight -= len(images)
-            self.metrics.in_flight.set(self._in_flight)
+            self._admission.release(len(images))
+            self.metrics.in_flight.set(self._admission.in_flight)
         for result in results:
             self.metrics.images.labels(type(result.error).__name__ if result.error else "ok").inc()
         return list(results)

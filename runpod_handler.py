@@ -1,0 +1,308 @@
+"""RunPod serverless worker: an async RunPod handler over the gRPC server's engine.
+
+    MODEL_ID=/models/dinov2-small python runpod_handler.py
+
+The model loads once, when the worker starts (RunPod's cold start). The
+engine (`EmbedService`: decoding, dynamic batcher, model runner) runs on an
+event-loop thread of its own, and each job is a thin call into it; RunPod
+runs up to RUNPOD_CONCURRENCY jobs at once (`concurrency_modifier`), so the
+images of concurrent jobs share model batches.
+
+    {"image": "<base64>"}          -> {"embedding": [...]}
+    {"images": ["<base64>", ...]}  -> {"embeddings": [[...] or null, ...],
+                                       "errors": [{"index", "code", "message"}, ...]}
+
+plus optional "pooling" (cls, mean, cls_mean) and "normalize" (bool). A job
+that produces nothing returns {"error": "<CODE>: <message>"}, which RunPod
+records as FAILED. Engine errors become codes here and nowhere else (`CODE_OF`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import os
+import sys
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import runpod
+
+from server import errors
+from server.config import Settings, load_settings
+from server.logs import REQUEST_ID, configure_logging
+from server.model import ModelRunner, Pooling
+from server.service import EmbedOptions, EmbedService, ImageResult
+
+log = logging.getLogger("runpod_handler")
+
+T = TypeVar("T")
+
+CODE_OF: dict[type[errors.EmbedError], str] = {
+    errors.InvalidImage: "INVALID_ARGUMENT",
+    errors.InvalidRequest: "INVALID_ARGUMENT",
+    errors.Overloaded: "RESOURCE_EXHAUSTED",
+    errors.Unavailable: "UNAVAILABLE",
+    errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
+    errors.Cancelled: "CANCELLED",
+    errors.InferenceFailed: "INTERNAL",
+}
+INTERNAL_MESSAGE = "the worker failed on this job; the details are in its log"
+
+INPUT_KEYS = ("image", "images", "pooling", "normalize")
+POOLINGS = {pooling.value: pooling for pooling in Pooling}
+# RunPod refuses request bodies over 20 MB on /runsync (10 MB on /run); only a
+# local test server lets more through, and this makes it refuse them too.
+MAX_INPUT_CHARS = 20 * 1024 * 1024
+SUMMARY_ITEMS = 5  # per-image errors listed when every image of a batch failed
+
+
+def code_of(exc: errors.EmbedError) -> str:
+    return CODE_OF.get(type(exc), "INTERNAL")
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """A validated job input: base64 strings, whether it used the one-image form, the options."""
+
+    images: list[str]
+    single: bool
+    options: EmbedOptions
+
+
+def parse_input(raw: Any, max_images: int) -> JobInput:
+    """Checks the whole input before any work starts; `InvalidRequest` says what is wrong.
+
+    A key whose value is null counts as not given.
+    """
+    if not isinstance(raw, dict):
+        raise errors.InvalidRequest(f'input must be an object with "image" or "images", not {_json_type(raw)}')
+    unknown = [_shown(str(key)) for key in raw if key not in INPUT_KEYS]
+    if unknown:
+        raise errors.InvalidRequest(f"unknown input key(s) {', '.join(unknown)}; accepted: {', '.join(INPUT_KEYS)}")
+    given = {key: value for key, value in raw.items() if value is not None}
+    if ("image" in given) == ("images" in given):
+        raise errors.InvalidRequest('input needs exactly one of "image" (a base64 string) or "images" (a list of them)')
+    single = "image" in given
+    images = [_base64_string(given["image"], "image")] if single else _image_list(given["images"], max_images)
+    chars = sum(map(len, images))
+    if chars > MAX_INPUT_CHARS:
+        raise errors.InvalidRequest(
+            f"input carries {chars} base64 characters, over the {MAX_INPUT_CHARS} a RunPod request can hold "
+            "(20 MB on /runsync, 10 MB on /run); send fewer or smaller images per job"
+        )
+    options = EmbedOptions(_pooling(given.get("pooling", "cls")), _normalize(given.get("normalize", False)))
+    return JobInput(images, single, options)
+
+
+def _image_list(value: Any, limit: int) -> list[str]:
+    if not isinstance(value, list):
+        raise errors.InvalidRequest(f'"images" must be a list of base64 strings, not {_json_type(value)}')
+    if not value:
+        raise errors.InvalidRequest('"images" is empty: send at least one image')
+    if len(value) > limit:
+        raise errors.InvalidRequest(f'"images" has {len(value)} items, over the limit of {limit} per job')
+    return [_base64_string(item, f"images[{index}]") for index, item in enumerate(value)]
+
+
+def _base64_string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise errors.InvalidRequest(f"{where} must be a base64 string, not {_json_type(value)}")
+    return value
+
+
+def _pooling(value: Any) -> Pooling:
+    if isinstance(value, str) and value.lower() in POOLINGS:
+        return POOLINGS[value.lower()]
+    shown = _shown(value) if isinstance(value, str) else _json_type(value)
+    raise errors.InvalidRequest(f'"pooling" must be one of {", ".join(POOLINGS)}, not {shown}')
+
+
+def _normalize(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise errors.InvalidRequest(f'"normalize" must be true or false, not {_json_type(value)}')
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """Caller text quoted in a message, cut short so a message never carries a payload."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """Base64, or a data URL carrying it, to bytes; `InvalidImage` when it is neither or too long.
+
+    The length is checked before decoding, so an oversize string costs nothing;
+    the engine checks `max_bytes` again on the decoded bytes.
+    """
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise errors.InvalidImage('a data URL must look like "data:image/png;base64,<base64 data>"')
+    max_chars = 4 * math.ceil(max_bytes / 3)
+    if len(text) > max_chars:
+        raise errors.InvalidImage(
+            f"base64 data is {len(text)} characters, over the {max_chars} that hold "
+            f"the image limit of {max_bytes} bytes"
+        )
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise errors.InvalidImage(
+            f"not valid base64 ({exc}); send standard base64 without line breaks (base64 -w0)"
+        ) from None
+
+
+class Worker:
+    """The engine of one worker process, on its own event-loop thread, and the RunPod handler over it.
+
+    The engine has a loop of its own because RunPod runs handlers in loops it
+    makes and ends itself (one per `--test_input` run, uvicorn's for
+    `--rp_serve_api`, the job scaler's in production); the engine outlives them.
+    """
+
+    def __init__(self, settings: Settings, runner: ModelRunner) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
+        self._thread.start()
+        try:
+            self.service: EmbedService = self._call(self._start_service(settings, runner))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @classmethod
+    def load(cls, settings: Settings) -> Worker:
+        """The cold start: loads the model from settings.model, then starts and warms up the engine."""
+        return cls(settings, ModelRunner.load(settings))
+
+    @staticmethod
+    async def _start_service(settings: Settings, runner: ModelRunner) -> EmbedService:
+        service = EmbedService(settings, runner)
+        await service.start()
+        return service
+
+    def runpod_config(self) -> dict[str, Any]:
+        """What `runpod.serverless.start` takes."""
+        return {"handler": self.handler, "concurrency_modifier": self.concurrency}
+
+    def concurrency(self, current: int) -> int:
+        """RunPod's concurrency_modifier: jobs this worker runs at once (RUNPOD_CONCURRENCY)."""
+        return self.settings.runpod_concurrency
+
+    async def handler(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The RunPod handler: a job's input in; embeddings, or a top-level "error", out."""
+        REQUEST_ID.set(str(job.get("id", "-"))[:100])  # this job's task only: log lines carry the job id
+        try:
+            request = parse_input(job.get("input"), self.settings.max_images_per_request)
+            return await self._answer(request)
+        except errors.EmbedError as exc:
+            return self._failed(code_of(exc), str(exc))
+        except Exception:
+            log.exception("job %s failed inside the worker", job.get("id"))
+            return self._failed("INTERNAL", INTERNAL_MESSAGE)
+
+    async def _answer(self, request: JobInput) -> dict[str, Any]:
+        results = await self._embed_all(request)
+        if request.single:
+            error = results[0].error
+            if error is not None:
+                return self._failed(code_of(error), f"image: {error}")
+            return self._done({"embedding": results[0].embedding.tolist()})  # type: ignore[union-attr]
+        failed = [(index, result.error) for index, result in enumerate(results) if result.error is not None]
+        if len(failed) == len(results):
+            listed = "; ".join(f"images[{index}]: {code_of(exc)}: {exc}" for index, exc in failed[:SUMMARY_ITEMS])
+            more = f"; and {len(failed) - SUMMARY_ITEMS} more" if len(failed) > SUMMARY_ITEMS else ""
+            return self._failed(code_of(failed[0][1]), f"all {len(failed)} images failed: {listed}{more}")
+        return self._done({
+            "embeddings": [None if r.embedding is None else r.embedding.tolist() for r in results],
+            "errors": [{"index": index, "code": code_of(exc), "message": str(exc)} for index, exc in failed],
+        })  # fmt: skip
+
+    async def _embed_all(self, request: JobInput) -> list[ImageResult]:
+        """Base64-decodes each image (a bad one fails alone) and embeds the others in one engine call."""
+        decoded: list[bytes | ImageResult] = []
+        for text in request.images:
+            try:
+                decoded.append(decode_base64(text, self.settings.max_image_bytes))
+            except errors.InvalidImage as exc:
+                decoded.append(ImageResult(error=exc))
+        datas = [item for item in decoded if isinstance(item, bytes)]
+        embedded = iter(await self._in_engine(self._embed(datas, request.options)) if datas else [])
+        return [next(embedded) if isinstance(item, bytes) else item for item in decoded]
+
+    async def _embed(self, datas: list[bytes], options: EmbedOptions) -> list[ImageResult]:
+        """Runs on the engine's loop. A job this worker took has nowhere better to go: it waits for capacity."""
+        return await self.service.embed(datas, options, wait=True)
+
+    def _done(self, output: dict[str, Any]) -> dict[str, Any]:
+        self.service.metrics.requests.labels("RunPodJob", "OK").inc()
+        return output
+
+    def _failed(self, code: str, message: str) -> dict[str, Any]:
+        self.service.metrics.requests.labels("RunPodJob", code).inc()
+        log.info("job failed: %s: %s", code, message)
+        return {"error": f"{code}: {message}"}
+
+    async def _in_engine(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Awaits a coroutine on the engine's loop; cancelling the job cancels it there too."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        """Stops the engine (images still queued fail with UNAVAILABLE) and its loop."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self.service.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+def main() -> None:
+    """Settings from the environment, the cold start, then RunPod's job loop.
+
+    Settings come from the environment only (as on RunPod): runpod reads its
+    own flags (--test_input, --rp_serve_api, ...) from sys.argv. With
+    --test_input or test_input.json, runpod exits with status 1 when the job's
+    output has an "error" and 0 otherwise.
+    """
+    settings = load_settings([], os.environ)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        worker = Worker.load(settings)
+    except errors.ModelLoadError as exc:
+        sys.exit(f"error: {exc}")
+    metrics = worker.service.metrics
+    try:
+        metrics.serve(settings.host, settings.metrics_port)
+    except OSError as exc:
+        log.warning("metrics not served: cannot listen on %s:%d (%s)", settings.host, settings.metrics_port, exc)
+    try:
+        runpod.serverless.start(worker.runpod_config())
+    finally:
+        worker.close()
+        metrics.close()
+
+
+if __name__ == "__main__":
+    main()
