@@ -81,6 +81,18 @@ def test_download_step_writes_a_loadable_folder_with_the_hub_processor(baked_mod
     assert processor["size"] == {"shortest_edge": 256} and processor["do_center_crop"] is True
 
 
+def test_default_command_runs_the_runpod_worker_on_test_input(baked_model: Path) -> None:
+    argv = json.loads(next(rest for k, rest in instructions() if k == "CMD"))
+    assert argv[-1] == "runpod_handler.py"
+    env = {**os.environ, **runtime_env(baked_model), "METRICS_PORT": "-1"}
+    proc = subprocess.run(
+        [sys.executable if a == "python" else a for a in argv], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'embedding': [" in proc.stdout + proc.stderr
+
+
 def test_grpc_command_serves_and_its_healthcheck_passes(baked_model: Path) -> None:
     env = {**os.environ, **runtime_env(baked_model), "PORT": "0", "METRICS_PORT": "-1", "HOST": "127.0.0.1"}
     proc = subprocess.Popen(
