@@ -1,0 +1,332 @@
+"""`AsyncEmbedClient`: images in, embeddings out, over `EmbedStream`, for asyncio code.
+
+The heart of the client; `EmbedClient` runs this on a background event loop.
+A job reads its input lazily, `batch_size` images per request, keeps at most
+`window` requests in flight (spread round-robin over the servers' streams),
+retries requests refused as UNAVAILABLE or RESOURCE_EXHAUSTED with backoff,
+and hands results back in input order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from client.connection import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOptions, RetryPolicy
+from client.errors import EmbedItemsError, EmbedRequestError, ItemError, ItemResult
+from client.images import Item, encode_many, take
+from client.streams import Lane, Lanes, StreamBroken
+from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
+
+POOLINGS = {"cls": embed_pb2.POOLING_CLS, "mean": embed_pb2.POOLING_MEAN, "cls_mean": embed_pb2.POOLING_CLS_MEAN}
+"""Pooling names accepted everywhere (the proto's enum numbers are accepted too)."""
+
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+_INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_MESSAGE_OVERHEAD = 64 * 1024  # room for protobuf framing and ids inside max_message_bytes
+
+
+def pooling_value(pooling: str | int) -> int:
+    if isinstance(pooling, str):
+        try:
+            return POOLINGS[pooling.lower()]
+        except KeyError:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}") from None
+    return int(pooling)
+
+
+def stack(results: list[ItemResult]) -> np.ndarray:
+    """Results as an [N, D] float32 array; raises `EmbedItemsError` (NaN rows at failures) if any failed."""
+    dim = next((r.embedding.shape[0] for r in results if r.embedding is not None), 0)
+    array = np.full((len(results), dim), np.nan, dtype=np.float32)
+    for row, result in enumerate(results):
+        if result.embedding is not None:
+            array[row] = result.embedding
+    if any(not r.ok for r in results):
+        raise EmbedItemsError(results, array)
+    return array
+
+
+class AsyncEmbedClient:
+    """Embeds images with a DINOv2 embedding service (asyncio).
+
+    `target`: a `host:port`, a list of them (each request goes to the next
+    server), or a `dns:///name:port` target (gRPC round-robin over its addresses).
+    `timeout`: seconds one request (up to `batch_size` images) may take, retries
+    included; None waits forever. `batch_size`, `window`: images per request and
+    requests in flight, the defaults of every call. See `ConnectionOptions` for
+    `tls`, `tls_ca`, `api_key`, `max_message_bytes`; `retry` for the backoff.
+
+    Use as `async with AsyncEmbedClient(...) as client:` or call `close()`.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "localhost:50051",
+        *,
+        timeout: float | None = 60.0,
+        batch_size: int = 32,
+        window: int = 8,
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | None = None,
+        api_key: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = None,
+        channel_options: Sequence[tuple[str, int | str]] = (),
+    ) -> None:
+        self.connection = ConnectionOptions.build(
+            target, tls=tls, tls_ca=tls_ca, api_key=api_key, max_message_bytes=max_message_bytes,
+            retry=retry, channel_options=channel_options,
+        )  # fmt: skip
+        self.timeout = timeout
+        self.batch_size = _positive("batch_size", batch_size)
+        self.window = _positive("window", window)
+        self._channels: list[grpc.aio.Channel] | None = None
+        self._next_channel = 0
+
+    async def __aenter__(self) -> AsyncEmbedClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, None
+        for channel in channels or ():
+            await channel.close()
+
+    def _opened(self) -> list[grpc.aio.Channel]:
+        if self._channels is None:  # opened lazily, inside the loop that uses them
+            self._channels = self.connection.open_channels()
+        return self._channels
+
+    async def info(self, timeout: float | None = None) -> embed_pb2.InfoResponse:
+        """What the (next) server runs: model, embedding size, dtype, device and limits."""
+        timeout = self.timeout if timeout is None else timeout
+        channels = self._opened()
+        retry = self.connection.retry
+        attempt = 0
+        while True:
+            channel = channels[self._next_channel % len(channels)]
+            self._next_channel += 1
+            try:
+                stub = embed_pb2_grpc.EmbedStub(channel)
+                return await stub.Info(embed_pb2.InfoRequest(), timeout=timeout, metadata=self.connection.metadata)
+            except grpc.aio.AioRpcError as exc:
+                code, message = exc.code().value[0], exc.details() or exc.code().name
+                if not retry.should_retry(code, message, attempt):
+                    raise EmbedRequestError(code, message, (), attempt + 1) from None
+            await asyncio.sleep(retry.backoff(attempt))
+            attempt += 1
+
+    async def embed(
+        self,
+        images: Iterable[Any] | AsyncIterable[Any],
+        *,
+        ids: Sequence[str] | None = None,
+        pooling: str | int = "cls",
+        normalize: bool = False,
+        batch_size: int | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Embeds every image; returns a float32 array [N, D] in input order.
+
+        Raises `EmbedItemsError` if any image failed (it names them and holds
+        the other rows), `EmbedRequestError` if a request failed after retries.
+        """
+        if ids is not None:
+            if isinstance(images, AsyncIterable):
+                raise TypeError("ids go with a list of images; an async iterable yields (id, image) pairs instead")
+            images = list(zip(ids, images, strict=True))
+        results: list[ItemResult] = []
+        async for batch in self.embed_batches(
+            images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout
+        ):
+            results.extend(batch)
+        return stack(results)
+
+    async def embed_iter(
+        self,
+        images: Iterable[Any] | AsyncIterable[Any],
+        *,
+        pooling: str | int = "cls",
+        normalize: bool = False,
+        batch_size: int | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ItemResult]:
+        """Streams results in input order, one `ItemResult` per input; failed images carry `error`.
+
+        Reads `images` lazily (bare images or `(id, image)` pairs), so memory
+        stays bounded by `batch_size x window`. Raises `EmbedRequestError` when a
+        whole request fails after retries.
+        """
+        async for batch in self.embed_batches(
+            images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout
+        ):
+            for result in batch:
+                yield result
+
+    async def embed_batches(
+        self,
+        images: Iterable[Any] | AsyncIterable[Any],
+        *,
+        pooling: str | int = "cls",
+        normalize: bool = False,
+        batch_size: int | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[list[ItemResult]]:
+        """`embed_iter`, one list per request: cheaper when results cross threads."""
+        batch_size = _positive("batch_size", batch_size or self.batch_size)
+        window = _positive("window", window or self.window)
+        timeout = self.timeout if timeout is None else timeout
+        template = embed_pb2.EmbedRequest(pooling=pooling_value(pooling), normalize=normalize)
+        lanes = Lanes(self._opened(), self.connection.metadata)
+        in_flight: deque[asyncio.Task[list[ItemResult]]] = deque()
+        requests = self._requests(images, batch_size).__aiter__()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(in_flight) < window:
+                    try:
+                        items = await requests.__anext__()
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    in_flight.append(asyncio.ensure_future(self._run(lanes, items, template, timeout)))
+                if not in_flight:
+                    return
+                yield await in_flight.popleft()
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            await lanes.close()
+
+    async def _requests(self, images: Iterable[Any] | AsyncIterable[Any], batch_size: int) -> AsyncIterator[list[Item]]:
+        """The input cut into requests, read and encoded off the event loop."""
+        start = 0
+        if isinstance(images, AsyncIterable):
+            pending: list[Any] = []
+            async for element in images:
+                pending.append(element)
+                if len(pending) == batch_size:
+                    for request in self._split(await asyncio.to_thread(encode_many, pending, start)):
+                        yield request
+                    start += len(pending)
+                    pending = []
+            if pending:
+                for request in self._split(await asyncio.to_thread(encode_many, pending, start)):
+                    yield request
+            return
+        iterator: Iterator[Any] = iter(images)
+        while True:
+            items = await asyncio.to_thread(_take_and_encode, iterator, batch_size, start)
+            if not items:
+                return
+            start += len(items)
+            for request in self._split(items):
+                yield request
+
+    def _split(self, items: list[Item]) -> Iterator[list[Item]]:
+        """Keeps each request under the message size limit; an image over it alone fails here."""
+        budget = self.connection.max_message_bytes - _MESSAGE_OVERHEAD
+        current: list[Item] = []
+        size = 0
+        for item in items:
+            if len(item.data) > budget:
+                message = f"image is {len(item.data)} bytes, over the {budget}-byte message budget"
+                item = Item(item.index, item.id, error=ItemError(_INVALID_ARGUMENT, message))
+            if current and size + len(item.data) > budget:
+                yield current
+                current, size = [], 0
+            current.append(item)
+            size += len(item.data)
+        if current:
+            yield current
+
+    async def _run(
+        self, lanes: Lanes, items: list[Item], template: embed_pb2.EmbedRequest, timeout: float | None
+    ) -> list[ItemResult]:
+        """One request: send the items that have bytes, merge the answers with client-side failures."""
+        sendable = [item for item in items if item.error is None]
+        answers: dict[int, embed_pb2.Embedding] = {}
+        if sendable:
+            request = embed_pb2.EmbedRequest()
+            request.CopyFrom(template)
+            request.images.extend(embed_pb2.Image(data=item.data, id=item.id) for item in sendable)
+            response = await self._send(lanes, request, tuple(item.id for item in sendable), timeout)
+            if len(response.embeddings) != len(sendable):
+                raise EmbedRequestError(
+                    _INTERNAL, f"server answered {len(response.embeddings)} embeddings for {len(sendable)} images",
+                    tuple(item.id for item in sendable),
+                )  # fmt: skip
+            answers = {item.index: answer for item, answer in zip(sendable, response.embeddings, strict=True)}
+        results = []
+        for item in items:
+            answer = answers.get(item.index)
+            if answer is None:
+                results.append(ItemResult(item.index, item.id, error=item.error))
+            elif answer.HasField("error"):
+                results.append(
+                    ItemResult(item.index, item.id, error=ItemError(answer.error.code, answer.error.message))
+                )
+            else:
+                results.append(ItemResult(item.index, item.id, embedding=np.asarray(answer.values, dtype=np.float32)))
+        return results
+
+    async def _send(
+        self, lanes: Lanes, request: embed_pb2.EmbedRequest, ids: tuple[str, ...], timeout: float | None
+    ) -> embed_pb2.EmbedResponse:
+        """Sends until answered, retrying refusals the policy allows on the next lane, within `timeout`."""
+        retry = self.connection.retry
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        failed_lane: Lane | None = None
+        while True:
+            lane = lanes.pick(avoid=failed_lane)
+            try:
+                future = await asyncio.wait_for(lane.send(request), _remaining(deadline))
+                response = await asyncio.wait_for(future, _remaining(deadline))
+            except StreamBroken as exc:
+                code, message = exc.code, exc.message
+            except TimeoutError:
+                raise EmbedRequestError(_DEADLINE_EXCEEDED, f"no answer within {timeout} s", ids, attempt + 1) from None
+            else:
+                if not response.HasField("error"):
+                    lane.succeeded()
+                    return response
+                code, message = response.error.code, response.error.message
+            if not retry.should_retry(code, message, attempt):
+                raise EmbedRequestError(code, message, ids, attempt + 1)
+            lane.failed(retry)
+            failed_lane = lane
+            pause = retry.backoff(attempt)
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                raise EmbedRequestError(code, f"{message} (timeout leaves no time to retry)", ids, attempt + 1)
+            await asyncio.sleep(pause)
+            attempt += 1
+
+
+def _take_and_encode(iterator: Iterator[Any], count: int, start: int) -> list[Item]:
+    return encode_many(take(iterator, count), start)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, not {value}")
+    return value

@@ -1,0 +1,99 @@
+"""What the client reports when something fails, and the data that goes with it.
+
+Two levels, as in the service's contract:
+
+- one image failed (not an image, too large, its batch's forward pass failed):
+  an `ItemError` on that image's `ItemResult`; `embed()` collects them into an
+  `EmbedItemsError` that also carries every result that did succeed;
+- a whole request failed after the retries the client is allowed (server
+  unreachable, overloaded for too long, refused, deadline passed):
+  `EmbedRequestError`, raised; nothing of that request is silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+_CODE_NAMES: dict[int, str] = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def code_name(code: int) -> str:
+    """The google.rpc.Code name of a number (`3` -> `INVALID_ARGUMENT`)."""
+    return _CODE_NAMES.get(code, f"CODE_{code}")
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """Why one image has no embedding: a google.rpc.Code number and the server's (or client's) message."""
+
+    code: int
+    message: str
+
+    @property
+    def code_name(self) -> str:
+        return code_name(self.code)
+
+    def __str__(self) -> str:
+        return f"{self.code_name}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One input's answer, at its input position: an embedding or an error, never both."""
+
+    index: int
+    id: str
+    embedding: np.ndarray | None = None
+    error: ItemError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class EmbedClientError(Exception):
+    """Base of the errors this client raises."""
+
+
+class EmbedRequestError(EmbedClientError):
+    """A whole request was refused or failed, after any retries.
+
+    `code` is the google.rpc.Code number (14 UNAVAILABLE when no server could
+    be reached, 8 RESOURCE_EXHAUSTED when every try found the server full,
+    4 DEADLINE_EXCEEDED when `timeout` passed); `ids` are the images of that request.
+    """
+
+    def __init__(self, code: int, message: str, ids: tuple[str, ...] = (), attempts: int = 1) -> None:
+        self.code = code
+        self.message = message
+        self.ids = ids
+        self.attempts = attempts
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        what = f"request of {len(ids)} image(s)" if ids else "call"
+        super().__init__(f"{what} failed{tries}: {code_name(code)}: {message}")
+
+    @property
+    def code_name(self) -> str:
+        return code_name(self.code)
+
+
+class EmbedItemsError(EmbedClientError):
+    """Some images of an `embed()` call failed; the others succeeded.
+
+    `failures` are the failed items (index, id, error) in input order;
+    `results` all items in input order; `embeddings` is the [N, D] float32
+    array with NaN rows at the failed positions (D is 0 when nothing
+    succeeded) and `ok` the boolean mask of the rows that hold an embedding.
+    """
+
+    def __init__(self, results: list[ItemResult], embeddings: np.ndarray) -> None:
+        self.results = results
+        self.embeddings = embeddings
+        self.failures = [r for r in results if r.error is not None]
+        self.ok = np.array([r.ok for r in results], dtype=bool)
+        shown = "; ".join(f"#{r.index} {r.id!r}: {r.error}" for r in self.failures[:5])
+        more = f"; and {len(self.failures) - 5} more" if len(self.failures) > 5 else ""
+        super().__init__(f"{len(self.failures)} of {len(results)} image(s) failed: {shown}{more}")

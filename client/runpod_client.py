@@ -1,0 +1,258 @@
+"""`RunPodClient`: the same images-in, embeddings-out calls against a RunPod serverless endpoint.
+
+Each request is one `/runsync` job (`POST {base_url}/v2/{endpoint_id}/runsync`,
+`Authorization: Bearer KEY`, body `{"input": {"images": [base64...], "pooling",
+"normalize"}}`). A job RunPod has not finished within its wait is polled at
+`/v2/{endpoint_id}/status/{job_id}`. Without an endpoint id, `base_url` itself
+serves `/runsync`, as the local test server `python runpod_handler.py
+--rp_serve_api` does. Requests stay under RunPod's payload cap (20 MB for
+/runsync) by splitting on encoded size; up to `window` jobs run at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+import requests
+
+from client.async_client import POOLINGS, stack
+from client.connection import RetryPolicy
+from client.errors import EmbedClientError, ItemError, ItemResult
+from client.images import Item, encode_many, take
+
+DEFAULT_BASE_URL = "https://api.runpod.ai"
+MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # base64 text per job; RunPod caps /runsync bodies at 20 MB
+_RETRY_HTTP = frozenset({429, 500, 502, 503, 504})
+_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
+_UNKNOWN, _INVALID_ARGUMENT, _INTERNAL = 2, 3, 13
+
+
+class RunPodError(EmbedClientError):
+    """A RunPod job failed as a whole: HTTP error, FAILED status, or an answer of the wrong shape.
+
+    `code` is the google.rpc.Code number when the handler named one (its
+    errors read "CODE: message"), else 2 UNKNOWN; `message` is the rest.
+    """
+
+    def __init__(self, message: str, code: int = _UNKNOWN, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = message if detail is None else detail
+
+
+def _job_error(job_id: str, status: str, error: Any) -> RunPodError:
+    """The handler's "CODE: message" error (or whatever RunPod says) as a `RunPodError`."""
+    text = str(error)
+    name, colon, rest = text.partition(": ")
+    if colon and name in _CODES:
+        return RunPodError(f"RunPod job {job_id} {status}: {text}", _CODES[name], rest)
+    return RunPodError(f"RunPod job {job_id} {status}: {text}")
+
+
+class RunPodClient:
+    """Embeds images with a deployed RunPod endpoint running `runpod_handler.py`.
+
+    `endpoint_id` and `api_key` identify the endpoint (RunPod's console shows
+    both); `base_url` defaults to RunPod's API. `timeout` bounds each HTTP call;
+    `batch_size` images per job, `window` jobs in flight.
+    """
+
+    def __init__(
+        self,
+        endpoint_id: str | None = None,
+        api_key: str | None = None,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 120.0,
+        batch_size: int = 16,
+        window: int = 4,
+        retry: RetryPolicy | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.endpoint_id = endpoint_id
+        self.timeout = timeout
+        self.batch_size = batch_size
+        self.window = window
+        self.retry = retry or RetryPolicy()
+        self.max_payload_bytes = max_payload_bytes
+        self._session = requests.Session()
+        if api_key:
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def __enter__(self) -> RunPodClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _url(self, path: str) -> str:
+        prefix = f"{self.base_url}/v2/{self.endpoint_id}" if self.endpoint_id else self.base_url
+        return f"{prefix}/{path}"
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One HTTP call with retries for connection errors, 429 and 5xx; returns the JSON body."""
+        attempt = 0
+        while True:
+            try:
+                response = self._session.request(method, self._url(path), json=body, timeout=self.timeout)
+                if response.status_code not in _RETRY_HTTP:
+                    break
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+            except requests.RequestException as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if attempt + 1 >= self.retry.max_attempts:
+                raise RunPodError(f"{method} {self._url(path)} failed after {attempt + 1} attempts: {problem}")
+            time.sleep(self.retry.backoff(attempt))
+            attempt += 1
+        if response.status_code in (401, 403):
+            raise RunPodError(f"RunPod refused the API key (HTTP {response.status_code}); check --api-key")
+        if response.status_code >= 400:
+            raise RunPodError(f"{method} {self._url(path)}: HTTP {response.status_code}: {response.text[:500]}")
+        try:
+            return response.json()
+        except ValueError:
+            raise RunPodError(
+                f"{self._url(path)} answered something that is not JSON: {response.text[:200]!r}"
+            ) from None
+
+    def run(self, job_input: dict[str, Any]) -> Any:
+        """Runs one job through /runsync (polling /status while RunPod still works on it); returns its output."""
+        answer = self._request("POST", "runsync", {"input": job_input})
+        while answer.get("status") in ("IN_QUEUE", "IN_PROGRESS") and answer.get("id"):
+            time.sleep(1.0)
+            answer = self._request("GET", f"status/{answer['id']}")
+        job_id, status = str(answer.get("id", "?")), str(answer.get("status") or "has no status")
+        if status != "COMPLETED":
+            raise _job_error(job_id, status, answer.get("error"))
+        output = answer.get("output")
+        if isinstance(output, dict) and output.get("error"):
+            raise _job_error(job_id, "FAILED", output["error"])
+        return output
+
+    def _run_retrying(self, job_input: dict[str, Any]) -> Any:
+        """`run`, tried again with backoff while the worker answers UNAVAILABLE or RESOURCE_EXHAUSTED."""
+        attempt = 0
+        while True:
+            try:
+                return self.run(job_input)
+            except RunPodError as exc:
+                if not self.retry.should_retry(exc.code, exc.detail, attempt):
+                    raise
+            time.sleep(self.retry.backoff(attempt))
+            attempt += 1
+
+    def embed(self, images: Iterable[Any], *, ids: Sequence[str] | None = None, pooling: str = "cls",
+              normalize: bool = False) -> np.ndarray:  # fmt: skip
+        """float32 [N, D] in input order; raises `EmbedItemsError` naming failed images (like `EmbedClient`)."""
+        if ids is not None:
+            images = list(zip(ids, images, strict=True))
+        return stack([r for batch in self.embed_batches(images, pooling=pooling, normalize=normalize) for r in batch])
+
+    def embed_iter(
+        self, images: Iterable[Any], *, pooling: str = "cls", normalize: bool = False
+    ) -> Iterator[ItemResult]:
+        """`ItemResult`s in input order; failed images carry `error`."""
+        for batch in self.embed_batches(images, pooling=pooling, normalize=normalize):
+            yield from batch
+
+    def embed_batches(self, images: Iterable[Any], *, pooling: str = "cls", normalize: bool = False
+                      ) -> Iterator[list[ItemResult]]:  # fmt: skip
+        """One list of results per job, in input order, with up to `window` jobs running."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        iterator = iter(images)
+        start = 0
+        pending: deque[Future[list[ItemResult]]] = deque()
+        with ThreadPoolExecutor(self.window, thread_name_prefix="runpod") as pool:
+            try:
+                while True:
+                    while len(pending) < self.window:
+                        items = encode_many(take(iterator, self.batch_size), start)
+                        if not items:
+                            break
+                        start += len(items)
+                        for job in self._split(items):
+                            pending.append(pool.submit(self._embed_job, job, pooling, normalize))
+                    if not pending:
+                        return
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def _split(self, items: list[Item]) -> Iterator[list[Item]]:
+        current: list[Item] = []
+        size = 0
+        for item in items:
+            encoded = 4 * ((len(item.data) + 2) // 3)
+            if current and size + encoded > self.max_payload_bytes:
+                yield current
+                current, size = [], 0
+            current.append(item)
+            size += encoded
+        if current:
+            yield current
+
+    def _embed_job(self, items: list[Item], pooling: str, normalize: bool) -> list[ItemResult]:
+        """One job for the items that have bytes; client-side failures keep their error."""
+        sendable = [item for item in items if item.error is None]
+        answers = {result.index: result for result in self._embed_sendable(sendable, pooling, normalize)}
+        return [answers.get(item.index) or ItemResult(item.index, item.id, error=item.error) for item in items]
+
+    def _embed_sendable(self, items: list[Item], pooling: str, normalize: bool) -> list[ItemResult]:
+        if not items:
+            return []
+        job = {"images": [base64.b64encode(item.data).decode("ascii") for item in items],
+               "pooling": pooling, "normalize": normalize}  # fmt: skip
+        try:
+            output = self._run_retrying(job)
+        except RunPodError as exc:
+            # The handler fails a job whose every image failed, naming at most a few: one job per
+            # image then says exactly why each failed (a lone image's job fails with its reason).
+            if exc.code != _INVALID_ARGUMENT:
+                raise
+            if len(items) > 1:
+                return [r for item in items for r in self._embed_sendable([item], pooling, normalize)]
+            reason = exc.detail.split("images[0]: ", 1)[-1]
+            name, colon, rest = reason.partition(": ")
+            code, message = (_CODES[name], rest) if colon and name in _CODES else (exc.code, reason)
+            return [ItemResult(items[0].index, items[0].id, error=ItemError(code, message))]
+        parsed = parse_output(output, len(items))
+        return [ItemResult(item.index, item.id, r.embedding, r.error) for item, r in zip(items, parsed, strict=True)]
+
+
+def parse_output(output: Any, count: int) -> list[ItemResult]:
+    """Reads the handler's `{"embeddings": [...], "errors": [...]}` into one result per image.
+
+    `embeddings[i]` is the i-th image's vector, or null when it failed; each
+    entry of `errors` is `{"index", "code", "message"}` for a failed image
+    (`code` a google.rpc.Code name such as "INVALID_ARGUMENT", or its number).
+    """
+    if not isinstance(output, dict) or not isinstance(output.get("embeddings"), list):
+        raise RunPodError(f"RunPod output has no 'embeddings' list: {str(output)[:200]}")
+    vectors = output["embeddings"]
+    if len(vectors) != count:
+        raise RunPodError(f"RunPod answered {len(vectors)} embeddings for {count} images")
+    errors: dict[int, ItemError] = {}
+    for entry in output.get("errors") or []:
+        code = entry.get("code", _INTERNAL)
+        number = _CODES.get(code, _UNKNOWN) if isinstance(code, str) else int(code)
+        errors[int(entry["index"])] = ItemError(number, str(entry.get("message", "")))
+    results = []
+    for index, vector in enumerate(vectors):
+        if vector is None or index in errors:
+            results.append(ItemResult(index, str(index), error=errors.get(index, ItemError(_INTERNAL, "no embedding"))))
+        else:
+            results.append(ItemResult(index, str(index), embedding=np.asarray(vector, dtype=np.float32)))
+    return results

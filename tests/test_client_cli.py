@@ -1,0 +1,329 @@
+"""`python -m client`: embed folders and globs into .npy/.npz, info, exit codes, progress, and the RunPod command."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from client import EmbedClient
+from client.cli import main
+from client.runpod_client import RunPodClient
+from server.model import Pooling
+from tests import images
+from tests.conftest import Reference, RunningServer, assert_close
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    """`main(argv)` in-process; returns the exit status, stdout and stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=stdout, stderr=stderr)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def write_folder(root: Path, count: int) -> dict[str, bytes]:
+    """`count` distinct images, a third of them in a subfolder, plus a file that is not an image."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sub").mkdir(exist_ok=True)
+    (root / "notes.txt").write_text("not an image, and not picked up")
+    written = {}
+    for index in range(count):
+        image_id = f"sub/img{index:03d}.png" if index % 3 == 0 else f"img{index:03d}.png"
+        written[image_id] = images.png(40, 30, seed=index)
+        (root / image_id).write_bytes(written[image_id])
+    return written
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path_factory.mktemp("cli") / "photos"
+    return root, write_folder(root, 200)
+
+
+@pytest.fixture(scope="module")
+def expected(big_folder: tuple[Path, dict[str, bytes]], reference: Reference) -> dict[str, np.ndarray]:
+    return {image_id: reference.embed(data) for image_id, data in big_folder[1].items()}
+
+
+@pytest.fixture
+def small_folder(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path / "small"
+    return root, write_folder(root, 6)
+
+
+def assert_rows(rows: np.ndarray, ids: list[str], expected: dict[str, np.ndarray]) -> None:
+    assert rows.dtype == np.float32 and rows.shape == (len(ids), 32)
+    for row, image_id in zip(rows, ids, strict=True):
+        assert_close(row, expected[image_id], image_id)
+
+
+def test_embed_a_folder_as_a_subprocess(
+    server: RunningServer, big_folder: tuple[Path, dict[str, bytes]], expected: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    folder, written = big_folder
+    out = tmp_path / "out.npy"
+    proc = subprocess.run(
+        [sys.executable, "-m", "client", "embed", str(folder), "--server", server.address, "-o", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ids = (tmp_path / "out.ids.txt").read_text().splitlines()
+    assert sorted(ids) == sorted(written) and len(ids) == 200
+    assert_rows(np.load(out), ids, expected)
+    assert "embedded 200 of 200 images (dim 32)" in proc.stderr
+    assert "%|" not in proc.stderr  # stderr is a pipe: no progress bar
+    assert proc.stdout == ""
+
+
+def test_a_broken_file_is_named_the_rest_written_and_the_exit_status_is_1(
+    server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], reference: Reference, tmp_path: Path
+) -> None:
+    folder, written = small_folder
+    (folder / "sub" / "broken.jpg").write_bytes(b"this is no JPEG")
+    out = tmp_path / "out.npz"
+    code, _, stderr = run("embed", str(folder), "--server", server.address, "-o", str(out), "--batch-size", "2")
+    assert code == 1
+    assert re.search(r"sub/broken\.jpg: INVALID_ARGUMENT: not a decodable image", stderr), stderr
+    assert "1 image(s) failed" in stderr and "embedded 6 of 7 images" in stderr
+    with np.load(out) as saved:
+        ids = saved["ids"].tolist()
+        assert sorted(ids) == sorted(written)
+        assert_rows(saved["embeddings"], ids, {k: reference.embed(v) for k, v in written.items()})
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(
+    server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    folder, _ = small_folder
+    base = ["embed", str(folder), "--server", server.address, "-o", str(tmp_path / "o.npy")]
+    code, _, stderr = run(*base, "--progress")
+    assert code == 0 and "6/6" in stderr and "img/s" in stderr
+    for extra in ([], ["--no-progress"]):  # StringIO is no terminal: off by default
+        code, _, stderr = run(*base, *extra)
+        assert code == 0 and "img/s" not in stderr and "embedded 6 of 6" in stderr
+
+
+def test_files_globs_and_folders_with_their_ids_as_json_lines(
+    server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], reference: Reference
+) -> None:
+    folder, written = small_folder
+    single = str(folder / "img001.png")
+    pattern = str(folder / "sub" / "*.png")
+    code, stdout, _ = run("embed", single, pattern, str(folder / "sub"), "--server", server.address,
+                          "--pooling", "cls_mean", "--normalize")  # fmt: skip
+    assert code == 0
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    sub = sorted(k for k in written if k.startswith("sub/"))
+    assert [line["id"] for line in lines] == [single] + [str(folder / k) for k in sub] + [k[4:] for k in sub]
+    assert_close(np.array(lines[0]["embedding"], np.float32),
+                 reference.embed(written["img001.png"], Pooling.CLS_MEAN, True), "json line")  # fmt: skip
+
+
+def test_several_servers_share_the_job(
+    make_server: Any, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    first, second = make_server(), make_server()
+    folder, _ = small_folder
+    code, _, _ = run("embed", str(folder), "--server", first.address, "--server", second.address,
+                     "--batch-size", "1", "-o", str(tmp_path / "o.npy"))  # fmt: skip
+    assert code == 0
+    served = [s.metrics.value("dinov2_images_total", {"outcome": "ok"}) for s in (first, second)]
+    assert sum(served) == 6 and min(served) > 0
+
+
+def test_info_prints_json(server: RunningServer) -> None:
+    code, stdout, _ = run("info", "--server", server.address)
+    info = json.loads(stdout)
+    assert code == 0 and info["embedding_dim"] == 32 and info["max_images_per_request"] == 256
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["embed", "{missing}"], "no such file or folder"),
+        (["embed", "{folder}/*.nothing"], "no image files match"),
+        (["embed", "{folder}", "-o", "{tmp}/out.csv"], "must end in .npy, .npz, .parquet"),
+        (["embed", "{folder}", "--batch-size", "0"], "at least 1"),
+        (["runpod", "{folder}"], "give --endpoint-id"),
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], message: str, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    folder, _ = small_folder
+    filled = [a.format(missing=tmp_path / "missing", folder=folder, tmp=tmp_path) for a in argv]
+    code, _, stderr = run(*filled)
+    assert code == 2 and message in stderr, stderr
+
+
+def test_parquet_needs_pyarrow_or_writes_it(
+    server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    folder, _ = small_folder
+    out = tmp_path / "o.parquet"
+    code, _, stderr = run("embed", str(folder), "--server", server.address, "-o", str(out))
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        assert code == 2 and "needs pyarrow" in stderr
+        return
+    table = pq.read_table(out)
+    assert code == 0 and table.num_rows == 6 and len(table.column("embedding")[0]) == 32
+
+
+def test_no_reachable_server_exits_3_and_writes_nothing(
+    small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder, _ = small_folder
+    out = tmp_path / "o.npy"
+    code, _, stderr = run("embed", str(folder), "--server", f"127.0.0.1:{port}", "--timeout", "1", "-o", str(out))
+    assert code == 3 and "UNAVAILABLE" in stderr and "nothing written" in stderr
+    assert list(tmp_path.iterdir()) == [folder]
+
+
+# ------------------------------------------------------------------ RunPod
+
+
+class FakeRunPod(BaseHTTPRequestHandler):
+    """RunPod's hosted API as the client sees it: runsync answers IN_PROGRESS once, then status completes."""
+
+    seen: ClassVar[list[tuple[str, str, str]]] = []
+    count = 0
+
+    def _answer(self, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        job = json.loads(self.rfile.read(length))["input"]
+        FakeRunPod.seen.append(("POST", self.path, self.headers.get("Authorization", "")))
+        FakeRunPod.count = len(job["images"])
+        self._answer({"id": "job-1", "status": "IN_PROGRESS"})
+
+    def do_GET(self) -> None:
+        FakeRunPod.seen.append(("GET", self.path, self.headers.get("Authorization", "")))
+        vectors = [[float(i)] * 4 for i in range(FakeRunPod.count)]
+        self._answer({"id": "job-1", "status": "COMPLETED", "output": {"embeddings": vectors, "errors": []}})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_runpod_client_uses_the_endpoint_url_the_key_and_polls_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("client.runpod_client.time.sleep", lambda seconds: None)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeRunPod)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with RunPodClient("ep-123", "rp-key", base_url=url) as client:
+            vectors = client.embed([images.png(seed=1), images.png(seed=2)])
+    finally:
+        httpd.shutdown()
+    assert vectors.shape == (2, 4) and vectors[1, 0] == 1.0
+    assert FakeRunPod.seen == [("POST", "/v2/ep-123/runsync", "Bearer rp-key"),
+                               ("GET", "/v2/ep-123/status/job-1", "Bearer rp-key")]  # fmt: skip
+
+
+class LocalRunPod:
+    """`python runpod_handler.py --rp_serve_api` on a free loopback port."""
+
+    def __init__(self, model_dir: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "MODEL_ID": str(model_dir), "HOST": "127.0.0.1", "METRICS_PORT": "-1"}
+        args = ["--rp_serve_api", "--rp_api_port", str(self.port), "--rp_api_host", "127.0.0.1"]
+        self.proc = subprocess.Popen([sys.executable, "runpod_handler.py", *args], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.lines: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if "Uvicorn running on" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(120) or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError("RunPod API server did not start:\n" + "".join(self.lines))
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def local_runpod(model_dir: Path) -> Iterator[LocalRunPod]:
+    if not (ROOT / "runpod_handler.py").exists():
+        pytest.skip("runpod_handler.py is not written yet")
+    api = LocalRunPod(model_dir)
+    yield api
+    api.stop()
+
+
+def test_runpod_command_against_the_local_api_server(
+    local_runpod: LocalRunPod, small_folder: tuple[Path, dict[str, bytes]], reference: Reference, tmp_path: Path
+) -> None:
+    folder, written = small_folder
+    out = tmp_path / "rp.npy"
+    code, _, stderr = run("runpod", "--base-url", local_runpod.url, str(folder), "-o", str(out), "--batch-size", "4")
+    assert code == 0, stderr
+    ids = (tmp_path / "rp.ids.txt").read_text().splitlines()
+    assert sorted(ids) == sorted(written)
+    assert_rows(np.load(out), ids, {k: reference.embed(v) for k, v in written.items()})
+
+
+def test_runpod_command_names_broken_files_even_when_a_whole_job_fails(
+    local_runpod: LocalRunPod, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    folder, written = small_folder
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    # Both sort first, so they share a job of 2 that the handler fails as a whole.
+    (broken / "a-bad.png").write_bytes(b"not a png")
+    (broken / "b-bad.png").write_bytes(b"neither")
+    code, stdout, stderr = run("runpod", "--base-url", local_runpod.url, str(broken), "--batch-size", "2")
+    assert code == 1
+    assert "a-bad.png: INVALID_ARGUMENT: not a decodable image" in stderr, stderr
+    assert "b-bad.png: INVALID_ARGUMENT: not a decodable image" in stderr
+    assert sorted(json.loads(line)["id"] for line in stdout.splitlines()) == sorted(written)
+
+
+def test_runpod_client_equals_the_grpc_client(local_runpod: LocalRunPod, server: RunningServer) -> None:
+    datas = [images.png(seed=s) for s in range(5)]
+    with RunPodClient(base_url=local_runpod.url) as runpod, EmbedClient(server.address) as grpc_client:
+        assert_close(runpod.embed(datas, pooling="mean", normalize=True),
+                     grpc_client.embed(datas, pooling="mean", normalize=True), "runpod vs grpc")  # fmt: skip
