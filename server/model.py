@@ -2,6 +2,8 @@
 
 It knows nothing of requests or transports. It is loaded once, called from
 one thread at a time (the batcher's), and returns float32 numpy arrays.
+The fast paths of server/fastpath.py are applied at load (`FastPaths`); each
+keeps the float32 parity with the reference pipeline.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server import fastpath
 from server.config import Settings
 from server.errors import ModelLoadError
 from server.preprocess import Normalization, configured_processor, normalization_of
+from server.runtime import ComputeThread, shared_compute_thread, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -71,39 +75,109 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@dataclass(frozen=True)
+class FastPaths:
+    """Which rewrites of server/fastpath.py the runner applies; the defaults are what the server runs.
+
+    attention: `auto` = eager on CPU in bfloat16/float16 (about 3x faster than
+    PyTorch's CPU flash kernel there), else `sdpa` (transformers' default).
+    compile: `torch.compile` the model (slow start, off by default).
+    """
+
+    fold_input: bool = True
+    cache_positions: bool = True
+    fuse_qkv: bool = True
+    fold_layer_scale: bool = True
+    attention: str = "auto"
+    compile: bool = False
+
+    def attention_for(self, device: torch.device, dtype: torch.dtype) -> str:
+        if self.attention != "auto":
+            return self.attention
+        return "eager" if device.type == "cpu" and dtype != torch.float32 else "sdpa"
+
+
 class ModelRunner:
     """A loaded DINOv2 model and the arithmetic that turns uint8 pixels into its input."""
 
-    def __init__(self, model: torch.nn.Module, norm: Normalization, device: torch.device, dtype: torch.dtype) -> None:
-        self.model = model.to(device=device, dtype=dtype).eval()
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        norm: Normalization,
+        device: torch.device,
+        dtype: torch.dtype,
+        fast: FastPaths | None = None,
+        compute: ComputeThread | None = None,
+    ) -> None:
+        self.fast = fast or FastPaths()
         self.norm = norm
         self.device = device
         self.dtype = dtype
         config = model.config
         self.embedding_dim: int = int(config.hidden_size)
+        self.attention = self.fast.attention_for(device, dtype)
         self._first_patch = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
         self._mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
+        self._compute = compute or shared_compute_thread()
+        self.model: torch.nn.Module = self._compute.run(self._prepare, model)
+        self._forward = torch.compile(self.model, dynamic=True) if self.fast.compile else self.model
+
+    def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Casts and moves the model and applies the fast paths (on the compute thread)."""
+        projection = model.embeddings.patch_embeddings.projection
+        folded = fastpath.folded_projection(projection, self.norm) if self.fast.fold_input else None
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        if folded is not None:
+            fastpath.fold_input(model, folded, self.dtype)
+        if self.fast.cache_positions:
+            fastpath.cache_positions(model, self.norm.image_size)
+        if self.fast.fuse_qkv:
+            fastpath.fuse_qkv(model)
+        if self.fast.fold_layer_scale:
+            fastpath.fold_layer_scale(model)
+        fastpath.use_attention(model, self.attention)
+        return model
 
     @classmethod
-    def load(cls, settings: Settings) -> ModelRunner:
-        """Loads model and processor with `from_pretrained` (Hub id or local folder)."""
+    def load(
+        cls, settings: Settings, fast: FastPaths | None = None, compute: ComputeThread | None = None
+    ) -> ModelRunner:
+        """Loads model and processor with `from_pretrained` (Hub id or local folder).
+
+        The weights are loaded in float32 and cast after the input folding, so
+        the folded patch embedding is computed from the full-precision weights.
+        Loading, like every forward pass, runs on the compute thread (by
+        default the process's shared one, server/runtime.py).
+        """
         from transformers import AutoModel
 
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
+        fast = fast or FastPaths(compile=settings.compile == "on")
         norm = normalization_of(configured_processor(settings.model, settings.revision))
+        tune_malloc()
+        compute = compute or shared_compute_thread()
         try:
-            model = AutoModel.from_pretrained(settings.model, revision=settings.revision, dtype=dtype)
+            model = compute.run(
+                lambda: AutoModel.from_pretrained(settings.model, revision=settings.revision, dtype=torch.float32)
+            )
         except OSError as exc:
             raise ModelLoadError.cannot_load(settings.model, exc) from None
-        runner = cls(model, norm, device, dtype)
+        runner = cls(model, norm, device, dtype, fast, compute)
         log.info(
-            "loaded %s (revision %s): dim %d, image %dx%d, dtype %s (asked %s), device %s (asked %s)",
+            "loaded %s (revision %s): dim %d, image %dx%d, dtype %s (asked %s), device %s (asked %s), "
+            "attention %s, compile %s",
             settings.model, settings.revision or "default", runner.embedding_dim, norm.image_size,
             norm.image_size, runner.dtype_name, settings.dtype, device, settings.device,
+            runner.attention, fast.compile,
         )  # fmt: skip
         return runner
+
+    @property
+    def compute(self) -> ComputeThread:
+        """The thread that runs all of this model's PyTorch work."""
+        return self._compute
 
     @property
     def dtype_name(self) -> str:
@@ -114,15 +188,24 @@ class ModelRunner:
         return self.norm.image_size
 
     def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
-        """uint8 [B, S, S] grayscale -> normalized [B, 3, S, S] in the model's dtype, on its device."""
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).unsqueeze(1).float()
-        x = (x * self.norm.rescale - self._mean) / self._std
+        """uint8 [B, S, S] grayscale -> the model's input in its dtype, on its device.
+
+        With the folded input that is the pixels as they are, [B, 1, S, S];
+        otherwise replicated and normalized, [B, 3, S, S].
+        """
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).unsqueeze(1)
+        if self.fast.fold_input:
+            return x.float()  # the folded conv runs in float32
+        x = (x.float() * self.norm.rescale - self._mean) / self._std
         return x.to(self.dtype)
 
-    @torch.inference_mode()
     def embed(self, pixels: np.ndarray) -> BatchOutput:
-        """Runs one forward pass over a batch of resized grayscale images."""
-        out = self.model(pixel_values=self.pixel_values(pixels))
+        """Runs one forward pass over a batch of resized grayscale images, on the compute thread."""
+        return self._compute.run(self._embed, pixels)
+
+    @torch.inference_mode()
+    def _embed(self, pixels: np.ndarray) -> BatchOutput:
+        out = self._forward(pixel_values=self.pixel_values(pixels))
         hidden = out.last_hidden_state
         cls_token = out.pooler_output if out.pooler_output is not None else hidden[:, 0]
         patch_mean = hidden[:, self._first_patch :].float().mean(dim=1)
@@ -132,6 +215,11 @@ class ModelRunner:
         )
 
     def warmup(self) -> None:
-        """One forward pass, so the first caller does not pay for lazy initialisation."""
+        """Forward passes so the first caller does not pay for lazy initialisation.
+
+        Compiled, a batch of one and a batch of two: torch.compile specialises
+        size 1 and builds one dynamic-batch graph for the rest.
+        """
         size = self.norm.image_size
-        self.embed(np.zeros((1, size, size), dtype=np.uint8))
+        for batch in (1, 2) if self.fast.compile else (1,):
+            self.embed(np.zeros((batch, size, size), dtype=np.uint8))

@@ -1,0 +1,25 @@
+"""The benchmark's input: distinct 512x512 grayscale JPEGs, made in memory."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def gray_jpeg(seed: int, size: int = 512, quality: int = 90) -> bytes:
+    """A photo-like grayscale JPEG: gradients, blocks and noise, different for each seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    wave = 96 * np.sin(x / size * (2 + seed % 7) * np.pi) * np.cos(y / size * (1 + seed % 5) * np.pi)
+    blocks = 60 * (((x // (13 + seed % 11)) + (y // (17 + seed % 13))) % 2)
+    pixels = 100 + wave + blocks + rng.normal(0, 10, (size, size))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def gray_jpegs(count: int, size: int = 512) -> list[bytes]:
+    """`count` distinct JPEGs."""
+    return [gray_jpeg(seed, size) for seed in range(count)]

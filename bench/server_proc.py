@@ -1,0 +1,110 @@
+"""The gRPC server as a subprocess (`python -m server ...`): start, wait until ready, read its peak RSS, stop."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"gRPC listening on (\S+):(\d+)")
+METRICS = re.compile(r"metrics on (http://\S+/metrics)")
+READY = "engine ready"
+# Sums and counts read from /metrics: where the server's time went.
+SERVER_SAMPLES = (
+    "dinov2_batch_size_sum",
+    "dinov2_batch_size_count",
+    "dinov2_inference_seconds_sum",
+    "dinov2_preprocess_seconds_sum",
+    "dinov2_preprocess_seconds_count",
+    "dinov2_queue_seconds_sum",
+)
+
+
+class ServerProcess:
+    """`with ServerProcess(args) as server:` -> server.address once the engine is warmed up."""
+
+    def __init__(self, args: list[str], ready_timeout_s: float = 600.0) -> None:
+        self.args = args
+        self.ready_timeout_s = ready_timeout_s
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self.metrics_url: str | None = None
+        self._ready = threading.Event()
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "server", *self.args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        threading.Thread(target=self._read, name="server-log", daemon=True).start()
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not self._ready.wait(0.1):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError("server did not become ready:\n" + "\n".join(self.lines[-20:]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def peak_rss_bytes(self) -> int:
+        """The server's peak resident memory so far (VmHWM)."""
+        return _status_kb(self.pid, "VmHWM") * 1024
+
+    def samples(self) -> dict[str, float]:
+        """The SERVER_SAMPLES now (empty when the server has no metrics endpoint)."""
+        if self.metrics_url is None:
+            return {}
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        found = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        return {name: float(found.get(name, 0.0)) for name in SERVER_SAMPLES}
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self.lines.append(line.rstrip())
+            match = LISTENING.search(line)
+            if match:
+                self.port = int(match.group(2))
+            metrics = METRICS.search(line)
+            if metrics:
+                self.metrics_url = metrics.group(1).replace("0.0.0.0", "127.0.0.1")
+            if READY in line and self.port is not None:
+                self._ready.set()
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")

@@ -1,0 +1,41 @@
+"""The benchmark's smoke mode runs end to end and reports every field (no speed is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.__main__ import main
+
+
+def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    main(["--smoke", "--ablate", "--json", str(out)])
+    result = json.loads(out.read_text())
+    for key in ("machine", "config", "flops_per_image", "matmul_gflops", "matmul_peak_gflops", "raw", "service",
+                "seed_style", "unary", "ratios", "parity", "targets", "ablation"):  # fmt: skip
+        assert key in result, key
+    assert {"cpu", "amx", "avx512_bf16", "load_average_start", "load_average_end"} <= result["machine"].keys()
+    for path in ("raw", "service", "seed_style"):
+        assert result[path]["images_per_s"] > 0, path
+        assert result[path]["share_of_peak"] > 0, path
+    assert {"best_batch_size", "by_batch_size", "batch1_ms"} <= result["raw"].keys()
+    assert result["service"]["images"] == 32 and result["service"]["peak_rss_mb"] > 0
+    assert result["unary"]["p50_ms"] > 0 and result["unary"]["p99_ms"] >= result["unary"]["p50_ms"]
+    assert {"service_over_raw", "service_over_seed"} <= result["ratios"].keys()
+    assert result["parity"]["min_cosine"] >= 0.999
+    assert all({"value", "target", "met"} <= t.keys() for t in result["targets"].values())
+    assert result["ablation"][0]["name"] == "transformers as loaded, float32"
+    assert all(s["min_cosine"] >= 0.999 for s in result["ablation"])
+
+
+def test_flops_of_dinov2_small_is_about_12_gflop() -> None:
+    from transformers import Dinov2Config
+
+    from bench.flops import model_flops
+    from server.random_model import SIZES
+
+    config = Dinov2Config(image_size=518, patch_size=14, mlp_ratio=4, **SIZES["small"])
+    assert abs(model_flops(config, 224) / 1e9 - 12.25) < 0.05
+    giant = Dinov2Config(image_size=518, patch_size=14, mlp_ratio=4, **SIZES["giant"])
+    assert 550 < model_flops(giant, 224) / 1e9 < 600
