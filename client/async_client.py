@@ -113,6 +113,7 @@ class AsyncEmbedClient:
         timeout = self.timeout if timeout is None else timeout
         channels = self._opened()
         retry = self.connection.retry
+        started = time.monotonic()
         attempt = 0
         while True:
             channel = channels[self._next_channel % len(channels)]
@@ -122,7 +123,7 @@ class AsyncEmbedClient:
                 return await stub.Info(embed_pb2.InfoRequest(), timeout=timeout, metadata=self.connection.metadata)
             except grpc.aio.AioRpcError as exc:
                 code, message = exc.code().value[0], exc.details() or exc.code().name
-                if not retry.should_retry(code, message, attempt):
+                if not retry.should_retry(code, message, attempt, time.monotonic() - started):
                     raise EmbedRequestError(code, message, (), attempt + 1) from None
             await asyncio.sleep(retry.backoff(attempt))
             attempt += 1
@@ -288,13 +289,21 @@ class AsyncEmbedClient:
     async def _send(
         self, lanes: Lanes, request: embed_pb2.EmbedRequest, ids: tuple[str, ...], timeout: float | None
     ) -> embed_pb2.EmbedResponse:
-        """Sends until answered, retrying refusals the policy allows on the next lane, within `timeout`."""
+        """Sends until answered, retrying refusals the policy allows on the next lane.
+
+        `timeout` bounds the whole request, retries included, unless the policy
+        budgets retries in seconds (`retry_for_s`): then it bounds each try.
+        """
         retry = self.connection.retry
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        per_try = retry.retry_for_s is not None
+        deadline = None if timeout is None or per_try else started + timeout
         attempt = 0
         failed_lane: Lane | None = None
         while True:
             lane = lanes.pick(avoid=failed_lane)
+            if per_try and timeout is not None:
+                deadline = time.monotonic() + timeout
             try:
                 future = await asyncio.wait_for(lane.send(request), _remaining(deadline))
                 response = await asyncio.wait_for(future, _remaining(deadline))
@@ -307,12 +316,12 @@ class AsyncEmbedClient:
                     lane.succeeded()
                     return response
                 code, message = response.error.code, response.error.message
-            if not retry.should_retry(code, message, attempt):
+            if not retry.should_retry(code, message, attempt, time.monotonic() - started):
                 raise EmbedRequestError(code, message, ids, attempt + 1)
             lane.failed(retry)
             failed_lane = lane
             pause = retry.backoff(attempt)
-            if deadline is not None and time.monotonic() + pause >= deadline:
+            if not per_try and deadline is not None and time.monotonic() + pause >= deadline:
                 raise EmbedRequestError(code, f"{message} (timeout leaves no time to retry)", ids, attempt + 1)
             await asyncio.sleep(pause)
             attempt += 1

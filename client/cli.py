@@ -1,13 +1,18 @@
-"""`python -m client`: embed files and folders with a running service, or with a RunPod endpoint.
+"""`python -m client`: embed a dataset with running servers or a RunPod endpoint; ask a server what it runs.
 
-    python -m client embed photos/ --server localhost:50051 -o photos.npy
+    python -m client embed photos/ shards/*.tar --server localhost:50051 -o photos.parquet
+    python -m client embed --resume -o photos.parquet          # same inputs and options as recorded
+    python -m client embed photos/ --runpod-endpoint ID -o photos.npy
     python -m client info --server localhost:50051
-    python -m client runpod --endpoint-id ID cat.jpg dog.png -o pets.npz
 
-Exit status: 0 every image embedded; 1 some images failed (the others are
-written, the failed ones listed on stderr); 2 bad usage (unknown option, no
-such file); 3 the job failed as a whole (no server reachable, refused), and
-nothing was written.
+With -o, results are committed to shards in OUT.parts/ as they arrive and
+OUT is assembled, in input order, when every input is done; running the same
+command again resumes (see client/job.py). Exit status: 0 every image
+embedded; 1 some images failed (OUT has the others; the failed ones are in
+OUT's failures file and on stderr); 2 bad usage (no such file, a job that
+cannot be resumed as asked); 3 the job stopped (no server reachable within
+--retry-for, a request refused): what was done is kept for a resume;
+130 interrupted (likewise kept).
 """
 
 from __future__ import annotations
@@ -16,23 +21,23 @@ import argparse
 import json
 import os
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-import numpy as np
 from google.protobuf import json_format
-from tqdm import tqdm
 
+from client import manifest as manifests
 from client.async_client import POOLINGS
-from client.errors import EmbedClientError, ItemResult
-from client.inputs import InputError, InputFile, collect, duplicate_ids
-from client.output import Writer, ids_path, open_writer
-from client.runpod_client import DEFAULT_BASE_URL, RunPodClient
+from client.backends import Backend, GrpcBackend, RunPodBackend
+from client.errors import EmbedClientError
+from client.job import EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, Job, JobOptions
+from client.manifest import ManifestMismatch
+from client.output import SUFFIXES
+from client.runpod_client import DEFAULT_BASE_URL
+from client.shards import parts_folder
+from client.sources import InputError, Inputs
 from client.sync_client import EmbedClient
-
-EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,38 +48,53 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--server", action="append", metavar="HOST:PORT",
                          help="server address; repeat for several (requests go round-robin); "
                               "a dns:///name:port target balances over its addresses [localhost:50051]")  # fmt: skip
-        sub.add_argument("--api-key", help="sent as 'authorization: Bearer KEY' [env DINOV2_API_KEY]")
+        sub.add_argument("--api-key", help="gRPC: sent as 'authorization: Bearer KEY' [env DINOV2_API_KEY]; "
+                                           "RunPod: the RunPod API key [env RUNPOD_API_KEY]")  # fmt: skip
         sub.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
         sub.add_argument("--tls-ca", type=Path, metavar="PEM", help="root certificate file for TLS (implies --tls)")
-        sub.add_argument("--timeout", type=float, default=60.0, help="seconds per request, retries included [60]")
+        sub.add_argument("--timeout", type=float, help="seconds to wait for one answer [60; RunPod 120]")
 
-    def job(sub: argparse.ArgumentParser, batch_size: int, window: int) -> None:
-        sub.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
+    def job(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("paths", nargs="*", metavar="PATH",
+                         help="image files, folders (recursive), globs, tar archives (.tar, .tar.gz)")  # fmt: skip
+        sub.add_argument("--from-list", type=Path, metavar="FILE", help="a text file of paths, one per line")
         sub.add_argument("-o", "--output", type=Path, metavar="OUT",
-                         help="OUT.npy (ids in OUT.ids.txt), OUT.npz or OUT.parquet; "
-                              "JSON lines on stdout without it")  # fmt: skip
-        sub.add_argument("--pooling", choices=list(POOLINGS), default="cls", help="[cls]")
-        sub.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
-        sub.add_argument("--batch-size", type=int, default=batch_size, help=f"images per request [{batch_size}]")
-        sub.add_argument("--window", type=int, default=window, help=f"requests in flight [{window}]")
+                         help="OUT.npy (ids in OUT.ids.txt), OUT.parquet or OUT.npz, resumable (state in "
+                              "OUT.parts/); JSON lines on stdout without it")  # fmt: skip
+        sub.add_argument("--pooling", choices=list(POOLINGS), help="[cls]")
+        sub.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="L2-normalize each embedding")
+        sub.add_argument("--batch-size", type=int, help="images per request [32; RunPod 16]")
+        sub.add_argument("--window", type=int, help="requests in flight [8; RunPod 4]")
+        sub.add_argument("--resume", action="store_true",
+                         help="continue the job at OUT (its recorded inputs and options unless given); "
+                              "running the same command again does the same")  # fmt: skip
+        sub.add_argument("--overwrite", action="store_true", help="start again: drop OUT and its job state")
+        sub.add_argument("--retry-failed", action="store_true", help="try the images that failed before again")
+        sub.add_argument("--shard-size", type=int, default=1024, metavar="ROWS",
+                         help="rows per committed shard (also committed every 10 s) [1024]")  # fmt: skip
+        sub.add_argument("--retry-for", type=float, default=120.0, metavar="SECONDS",
+                         help="keep retrying a request refused as UNAVAILABLE or RESOURCE_EXHAUSTED "
+                              "(a server away or restarting) for this long [120]")  # fmt: skip
         sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                         help="progress bar on stderr [on when stderr is a terminal]")  # fmt: skip
+                         help="progress bar on stderr [on a terminal; else a line every --log-every]")  # fmt: skip
+        sub.add_argument("--log-every", type=float, default=10.0, metavar="SECONDS", help="[10]")
 
-    embed = commands.add_parser("embed", help="embed images with a gRPC server and write the embeddings")
-    job(embed, batch_size=32, window=8)
+    embed = commands.add_parser("embed", help="embed images (a whole dataset) and write the embeddings")
+    job(embed)
     connection(embed)
+    embed.add_argument("--runpod-endpoint", metavar="ID", help="embed with this RunPod endpoint instead of gRPC")
+    embed.add_argument("--base-url", help=f"RunPod API [{DEFAULT_BASE_URL}]; e.g. http://127.0.0.1:8000 for a "
+                                          "local 'runpod_handler.py --rp_serve_api' (then no endpoint id)")  # fmt: skip
 
     info = commands.add_parser("info", help="print what the server runs (model, size, limits) as JSON")
     connection(info)
 
-    runpod = commands.add_parser("runpod", help="embed images with a RunPod serverless endpoint")
-    job(runpod, batch_size=16, window=4)
-    runpod.add_argument("--endpoint-id", help="the endpoint's id (not needed with a --base-url that serves /runsync)")
-    runpod.add_argument("--api-key", help="RunPod API key [env RUNPOD_API_KEY]")
-    runpod.add_argument("--base-url", default=DEFAULT_BASE_URL,
-                        help=f"RunPod API [{DEFAULT_BASE_URL}]; e.g. http://127.0.0.1:8000 for a local "
-                             "'runpod_handler.py --rp_serve_api' (give no --endpoint-id then)")  # fmt: skip
-    runpod.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP call [120]")
+    runpod = commands.add_parser("runpod", help="embed with a RunPod endpoint (same as embed --runpod-endpoint)")
+    job(runpod)
+    connection(runpod)
+    runpod.add_argument("--endpoint-id", dest="runpod_endpoint", metavar="ID",
+                        help="the endpoint's id (not needed with a --base-url that serves /runsync)")  # fmt: skip
+    runpod.add_argument("--base-url", help=f"RunPod API [{DEFAULT_BASE_URL}]")
     return parser
 
 
@@ -86,104 +106,92 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None, stder
     try:
         if args.command == "info":
             return _info(args, stdout)
-        files = collect(args.paths)
-    except InputError as exc:
+        options = _options(args, stderr)
+        backend = _backend_factory(args)
+    except (InputError, ManifestMismatch, ValueError) as exc:
         print(f"error: {exc}", file=stderr)
         return EXIT_USAGE
     except EmbedClientError as exc:
         print(f"error: {exc}", file=stderr)
         return EXIT_JOB_FAILED
-    for duplicate in duplicate_ids(files)[:5]:
-        print(f"warning: id {duplicate!r} names more than one file", file=stderr)
-    if args.batch_size < 1 or args.window < 1:
-        print("error: --batch-size and --window must be at least 1", file=stderr)
-        return EXIT_USAGE
-    if args.command == "runpod" and not args.endpoint_id and args.base_url == DEFAULT_BASE_URL:
-        print("error: give --endpoint-id (or a --base-url that serves /runsync itself)", file=stderr)
-        return EXIT_USAGE
-    try:
-        writer = open_writer(args.output, stdout)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=stderr)
-        return EXIT_USAGE
-    progress = args.progress if args.progress is not None else stderr.isatty()
-    sources = [(file.id, file.path) for file in files]
-    if args.command == "runpod":
-        runpod = RunPodClient(args.endpoint_id, args.api_key or os.environ.get("RUNPOD_API_KEY"),
-                              base_url=args.base_url, timeout=args.timeout, batch_size=args.batch_size,
-                              window=args.window)  # fmt: skip
-        with runpod:
-            batches = runpod.embed_batches(sources, pooling=args.pooling, normalize=args.normalize)
-            return _write(batches, files, writer, args.output, progress, stderr)
-    with _grpc_client(args) as client:
-        batches = client.embed_batches(sources, pooling=args.pooling, normalize=args.normalize)
-        return _write(batches, files, writer, args.output, progress, stderr)
+    return Job(options, backend, stdout, stderr).run()
 
 
-def _grpc_client(args: argparse.Namespace) -> EmbedClient:
-    return EmbedClient(
-        args.server or ["localhost:50051"], timeout=args.timeout, tls=args.tls, tls_ca=args.tls_ca,
-        api_key=args.api_key or os.environ.get("DINOV2_API_KEY"),
-        batch_size=getattr(args, "batch_size", 32), window=getattr(args, "window", 8),
+def _options(args: argparse.Namespace, stderr: IO[str]) -> JobOptions:
+    """The job as asked, with a `--resume` without inputs taking them (and its options) from the manifest."""
+    out: Path | None = args.output
+    if out is not None and out.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"cannot write {out.name!r}: the output must end in {', '.join(SUFFIXES)}")
+    if out is not None and out.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ValueError("writing .parquet needs pyarrow (pip install pyarrow); or write .npy or .npz") from None
+    inputs = Inputs(tuple(args.paths), args.from_list)
+    pooling, normalize = args.pooling, args.normalize
+    if args.resume and out is None:
+        raise ValueError("--resume needs -o OUT, the output of the job to resume")
+    if args.resume and not args.paths and args.from_list is None:
+        recorded = manifests.read(parts_folder(out) / "manifest.json")  # type: ignore[arg-type]
+        if recorded is None:
+            raise ValueError(f"nothing to resume: {parts_folder(out)}/manifest.json does not exist")  # type: ignore[arg-type]
+        inputs = Inputs(recorded.inputs, Path(recorded.from_list) if recorded.from_list else None)
+        pooling = pooling or recorded.identity.pooling
+        normalize = recorded.identity.normalize if normalize is None else normalize
+    inputs.check()
+    for name in ("batch_size", "window", "shard_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.retry_for < 0:
+        raise ValueError("--retry-for must not be negative")
+    if args.overwrite and (args.resume or args.retry_failed):
+        raise ValueError("--overwrite starts again: it goes with neither --resume nor --retry-failed")
+    progress = "off" if args.progress is False else "bar" if args.progress or stderr.isatty() else "log"
+    return JobOptions(
+        inputs=inputs, out=out, pooling=pooling or "cls", normalize=bool(normalize), resume=args.resume,
+        overwrite=args.overwrite, retry_failed=args.retry_failed, shard_rows=args.shard_size,
+        progress=progress, log_every_s=args.log_every,
     )  # fmt: skip
 
 
+def _backend_factory(args: argparse.Namespace) -> Callable[[], Backend]:
+    """A function making the backend the arguments name (made once the job's checks have passed)."""
+    if args.command == "runpod" or args.runpod_endpoint or args.base_url:
+        base_url = args.base_url or DEFAULT_BASE_URL
+        if not args.runpod_endpoint and base_url == DEFAULT_BASE_URL:
+            raise ValueError("give --endpoint-id / --runpod-endpoint (or a --base-url that serves /runsync itself)")
+        if args.server:
+            raise ValueError("give either --server or a RunPod endpoint, not both")
+
+        def runpod() -> Backend:
+            return RunPodBackend(
+                args.runpod_endpoint, args.api_key or os.environ.get("RUNPOD_API_KEY"), base_url=base_url,
+                batch_size=args.batch_size or 16, window=args.window or 4, timeout=args.timeout or 120.0,
+                retry_for_s=args.retry_for,
+            )  # fmt: skip
+
+        return runpod
+
+    def grpc() -> Backend:
+        return GrpcBackend(
+            args.server or ["localhost:50051"], batch_size=args.batch_size or 32, window=args.window or 8,
+            timeout=args.timeout or 60.0, retry_for_s=args.retry_for, tls=args.tls, tls_ca=args.tls_ca,
+            api_key=args.api_key or os.environ.get("DINOV2_API_KEY"),
+        )  # fmt: skip
+
+    return grpc
+
+
 def _info(args: argparse.Namespace, stdout: IO[str]) -> int:
-    with _grpc_client(args) as client:
+    client = EmbedClient(
+        args.server or ["localhost:50051"], timeout=args.timeout or 60.0, tls=args.tls, tls_ca=args.tls_ca,
+        api_key=args.api_key or os.environ.get("DINOV2_API_KEY"),
+    )  # fmt: skip
+    with client:
         info = client.info()
     fields = json_format.MessageToDict(
         info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     print(json.dumps(fields, indent=2), file=stdout)
     return EXIT_OK
-
-
-def _write(batches: Iterator[list[ItemResult]], files: list[InputFile], writer: Writer, out: Path | None,
-           progress: bool, stderr: IO[str]) -> int:  # fmt: skip
-    """Writes good rows as they come, shows progress, then a summary and the failures; returns the exit status."""
-    started = time.monotonic()
-    failures: list[ItemResult] = []
-    written, dim = 0, 0
-    sized = _terminal_has_size(stderr)  # a pty of size 0x0 (script, some CI runners) would hide the bar
-    bar = tqdm(total=len(files), unit="img", disable=not progress, file=stderr, dynamic_ncols=sized,
-               ncols=None if sized else 80, nrows=None if sized else 20)  # fmt: skip
-    try:
-        for batch in batches:
-            good = [r for r in batch if r.embedding is not None]
-            failures.extend(r for r in batch if r.error is not None)
-            if good:
-                rows = np.stack([r.embedding for r in good])  # type: ignore[misc]
-                writer.add([r.id for r in good], rows)
-                written, dim = written + len(good), rows.shape[1]
-            bar.update(len(batch))
-            if failures:
-                bar.set_postfix(failed=len(failures), refresh=False)
-        writer.close()
-    except EmbedClientError as exc:
-        writer.abort()
-        bar.close()
-        print(f"error: {exc}; nothing written", file=stderr)
-        return EXIT_JOB_FAILED
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    elapsed = time.monotonic() - started
-    where = "" if out is None else f" -> {out}" + (f" (ids in {ids_path(out)})" if out.suffix == ".npy" else "")
-    print(f"embedded {written} of {len(files)} images (dim {dim}) in {elapsed:.2f} s, "
-          f"{len(files) / max(elapsed, 1e-9):.1f} images/s{where}", file=stderr)  # fmt: skip
-    if failures:
-        print(f"{len(failures)} image(s) failed:", file=stderr)
-        for failure in failures:
-            print(f"  {failure.id}: {failure.error}", file=stderr)
-        return EXIT_ITEMS_FAILED
-    return EXIT_OK
-
-
-def _terminal_has_size(stream: IO[str]) -> bool:
-    try:
-        size = os.get_terminal_size(stream.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return size.columns > 0 and size.lines > 0

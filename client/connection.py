@@ -29,25 +29,39 @@ class RetryPolicy:
 
     Try `n` (from 0) waits a random time up to `min(max_backoff_s, initial_backoff_s * multiplier**n)`
     before the next; after `max_attempts` tries the request fails with the last error.
+
+    `retry_for_s` budgets time instead of tries: a request is tried again, however
+    many times, until that many seconds have passed since its first try (what a
+    long job wants, so that a server restarting for a few seconds fails nothing).
+    With it, a client's `timeout` bounds each try rather than the whole request.
     """
 
     max_attempts: int = 8
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
+    retry_for_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.retry_for_s is not None and self.retry_for_s < 0:
+            raise ValueError("retry_for_s must not be negative")
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed try number `attempt` (0-based)."""
         cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
         return random.uniform(cap / 2, cap)
 
-    def should_retry(self, code: int, message: str, attempt: int) -> bool:
+    def may_try_again(self, attempt: int, elapsed_s: float = 0.0) -> bool:
+        """Whether the budget (tries, or seconds since the first try) allows another try after `attempt`."""
+        if self.retry_for_s is not None:
+            return elapsed_s < self.retry_for_s
+        return attempt + 1 < self.max_attempts
+
+    def should_retry(self, code: int, message: str, attempt: int, elapsed_s: float = 0.0) -> bool:
         """Retry overload and unavailability, but not a message over the size limit (it would fail again)."""
-        if attempt + 1 >= self.max_attempts or code not in RETRYABLE_CODES:
+        if not self.may_try_again(attempt, elapsed_s) or code not in RETRYABLE_CODES:
             return False
         return "larger than max" not in message
 

@@ -67,8 +67,11 @@ def default_id(image: Any, index: int) -> str:
 
 
 def encode(index: int, image: ImageInput, image_id: str | None = None) -> Item:
-    """Reads or encodes one input. Unreadable files become the item's error; wrong types raise TypeError."""
+    """Reads or encodes one input. Unreadable files become the item's error (as does an `ItemError` given
+    in place of an image); wrong types raise TypeError."""
     image_id = default_id(image, index) if image_id is None else image_id
+    if isinstance(image, ItemError):  # an input already known to fail (found so while listing inputs)
+        return Item(index, image_id, error=image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return Item(index, image_id, bytes(image))
     if isinstance(image, (Image.Image, np.ndarray)):

@@ -103,6 +103,7 @@ class RunPodClient:
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One HTTP call with retries for connection errors, 429 and 5xx; returns the JSON body."""
         attempt = 0
+        started = time.monotonic()
         while True:
             try:
                 response = self._session.request(method, self._url(path), json=body, timeout=self.timeout)
@@ -111,7 +112,7 @@ class RunPodClient:
                 problem = f"HTTP {response.status_code}: {response.text[:200]}"
             except requests.RequestException as exc:
                 problem = f"{type(exc).__name__}: {exc}"
-            if attempt + 1 >= self.retry.max_attempts:
+            if not self.retry.may_try_again(attempt, time.monotonic() - started):
                 raise RunPodError(f"{method} {self._url(path)} failed after {attempt + 1} attempts: {problem}")
             time.sleep(self.retry.backoff(attempt))
             attempt += 1
@@ -143,11 +144,12 @@ class RunPodClient:
     def _run_retrying(self, job_input: dict[str, Any]) -> Any:
         """`run`, tried again with backoff while the worker answers UNAVAILABLE or RESOURCE_EXHAUSTED."""
         attempt = 0
+        started = time.monotonic()
         while True:
             try:
                 return self.run(job_input)
             except RunPodError as exc:
-                if not self.retry.should_retry(exc.code, exc.detail, attempt):
+                if not self.retry.should_retry(exc.code, exc.detail, attempt, time.monotonic() - started):
                     raise
             time.sleep(self.retry.backoff(attempt))
             attempt += 1

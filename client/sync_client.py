@@ -8,6 +8,7 @@ retries and ordering. Results cross threads one request at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
@@ -136,16 +137,37 @@ class EmbedClient:
         batches = self._async.embed_batches(
             images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout
         )
+        current = _Current()
         try:
             while True:
                 try:
-                    yield self._call(_next(batches))
+                    yield self._call(current.next(batches))
                 except StopAsyncIteration:
                     return
         finally:
+            # Also when this thread was interrupted (Ctrl-C) while the loop was still
+            # working on the next batch: stop that first, then close the generator.
             if not self._closed:
-                self._call(batches.aclose())
+                self._call(current.cancel_and_close(batches))
 
 
-async def _next(iterator: Any) -> Any:
-    return await iterator.__anext__()
+class _Current:
+    """The task that runs an async generator's `__anext__` for the caller's thread, so it can be cancelled."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+
+    async def next(self, iterator: Any) -> Any:
+        self.task = asyncio.current_task()
+        try:
+            return await iterator.__anext__()
+        finally:
+            self.task = None
+
+    async def cancel_and_close(self, iterator: Any) -> None:
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await iterator.aclose()

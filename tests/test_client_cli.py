@@ -195,7 +195,8 @@ def test_no_reachable_server_exits_3_and_writes_nothing(
         port = probe.getsockname()[1]
     folder, _ = small_folder
     out = tmp_path / "o.npy"
-    code, _, stderr = run("embed", str(folder), "--server", f"127.0.0.1:{port}", "--timeout", "1", "-o", str(out))
+    code, _, stderr = run("embed", str(folder), "--server", f"127.0.0.1:{port}", "--timeout", "1", "--retry-for", "1",
+                          "-o", str(out))  # fmt: skip
     assert code == 3 and "UNAVAILABLE" in stderr and "nothing written" in stderr
     assert list(tmp_path.iterdir()) == [folder]
 
@@ -327,3 +328,27 @@ def test_runpod_client_equals_the_grpc_client(local_runpod: LocalRunPod, server:
     with RunPodClient(base_url=local_runpod.url) as runpod, EmbedClient(server.address) as grpc_client:
         assert_close(runpod.embed(datas, pooling="mean", normalize=True),
                      grpc_client.embed(datas, pooling="mean", normalize=True), "runpod vs grpc")  # fmt: skip
+
+
+def test_embed_with_a_runpod_base_url_is_resumable_and_equals_grpc(
+    local_runpod: LocalRunPod, server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    folder, written = small_folder
+    out = tmp_path / "rp.parquet"
+    argv = ("embed", str(folder), "--base-url", local_runpod.url, "-o", str(out), "--batch-size", "4")
+    code, _, stderr = run(*argv)
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "rp.parquet.parts" / "manifest.json").read_text())
+    assert manifest["identity"]["model_id"] == f"runpod:{local_runpod.url}" and manifest["identity"]["dim"] == 32
+    code, _, stderr = run(*argv)
+    assert code == 0 and "this run: 0 embedded, 0 failed, 6 done before" in stderr, stderr
+    code, _, stderr = run("embed", str(folder), "--server", server.address, "-o", str(out))
+    assert code == 2 and "cannot resume" in stderr  # a gRPC server is not the RunPod endpoint the job began with
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    ids = table.column("id").to_pylist()
+    assert ids == sorted(written, key=lambda i: (i.startswith("sub/"), i))
+    with EmbedClient(server.address) as grpc_client:
+        expected = grpc_client.embed([folder / i for i in ids])
+    assert_close(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), expected, "runpod job")

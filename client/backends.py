@@ -1,0 +1,103 @@
+"""Where a dataset job's images are embedded: gRPC servers or a RunPod endpoint, behind one interface.
+
+A backend says what it runs (`identity`, for the job's manifest) and turns a
+stream of `(id, image)` pairs into lists of `ItemResult`s in input order, with
+a bounded number of requests in flight and retries for refused requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from client.async_client import POOLINGS
+from client.connection import RetryPolicy
+from client.errors import ItemResult
+from client.manifest import Identity
+from client.runpod_client import DEFAULT_BASE_URL, RunPodClient
+from client.sync_client import EmbedClient
+
+
+class Backend(Protocol):
+    def identity(self, pooling: str, normalize: bool) -> Identity: ...
+    def embed_batches(self, pairs: Iterable[tuple[str, Any]], pooling: str, normalize: bool
+                      ) -> Iterator[list[ItemResult]]: ...  # fmt: skip
+    def close(self) -> None: ...
+
+
+def row_size(embedding_dim: int, pooling: str) -> int:
+    """Values per row: the model's size, twice it for cls_mean."""
+    return embedding_dim * (2 if pooling == "cls_mean" else 1)
+
+
+class GrpcBackend:
+    """One or several `python -m server` addresses (round-robin), through `EmbedClient`."""
+
+    def __init__(
+        self,
+        targets: list[str],
+        *,
+        batch_size: int,
+        window: int,
+        timeout: float,
+        retry_for_s: float,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: Path | None = None,
+    ) -> None:
+        self.client = EmbedClient(
+            targets, timeout=timeout, batch_size=batch_size, window=window, tls=tls, tls_ca=tls_ca,
+            api_key=api_key, retry=RetryPolicy(retry_for_s=retry_for_s),
+        )  # fmt: skip
+
+    def identity(self, pooling: str, normalize: bool) -> Identity:
+        info = self.client.info()
+        return Identity(
+            model_id=info.model_id, revision=info.revision, dtype=info.dtype, embedding_dim=info.embedding_dim,
+            pooling=pooling, normalize=normalize, dim=row_size(info.embedding_dim, pooling),
+        )  # fmt: skip
+
+    def embed_batches(self, pairs: Iterable[tuple[str, Any]], pooling: str, normalize: bool
+                      ) -> Iterator[list[ItemResult]]:  # fmt: skip
+        return self.client.embed_batches(pairs, pooling=pooling, normalize=normalize)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RunPodBackend:
+    """A RunPod serverless endpoint running `runpod_handler.py` (or the local API server at `base_url`).
+
+    RunPod has no `Info`: the job's identity is the endpoint itself, and the row
+    size is learned from the first embedding.
+    """
+
+    def __init__(
+        self,
+        endpoint_id: str | None,
+        api_key: str | None,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        batch_size: int,
+        window: int,
+        timeout: float,
+        retry_for_s: float,
+    ) -> None:
+        self.where = f"runpod:{endpoint_id}" if endpoint_id else f"runpod:{base_url}"
+        self.client = RunPodClient(
+            endpoint_id, api_key, base_url=base_url, timeout=timeout, batch_size=batch_size, window=window,
+            retry=RetryPolicy(retry_for_s=retry_for_s),
+        )  # fmt: skip
+
+    def identity(self, pooling: str, normalize: bool) -> Identity:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        return Identity(self.where, "", "", 0, pooling, normalize, 0)
+
+    def embed_batches(self, pairs: Iterable[tuple[str, Any]], pooling: str, normalize: bool
+                      ) -> Iterator[list[ItemResult]]:  # fmt: skip
+        return self.client.embed_batches(pairs, pooling=pooling, normalize=normalize)
+
+    def close(self) -> None:
+        self.client.close()

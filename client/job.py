@@ -1,0 +1,378 @@
+"""A dataset job: every input embedded exactly once, durably, resumable, in input order.
+
+    python -m client embed photos/ shards/*.tar --server HOST:PORT -o photos.parquet
+
+The inputs are listed lazily in their deterministic order (client/sources.py);
+each distinct id gets the next position (a repeated id is embedded once, at
+its first place). Ids that already have a row in the job's shards (or failed
+before, unless `--retry-failed`) are skipped; the others stream through the
+backend, a bounded number of requests in flight, while results are committed
+to shards as they arrive (client/shards.py). When the listing is exhausted,
+the shards are consolidated into OUT in position order (client/consolidate.py)
+and the failures into OUT's failures file. Without OUT, JSON lines go to
+stdout as they come, and nothing is kept for a resume.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Container, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from client import manifest as manifests
+from client.backends import Backend
+from client.consolidate import consolidate, failures_path, write_failures
+from client.errors import EmbedClientError, ItemError, ItemResult
+from client.manifest import Identity, Manifest, ManifestMismatch
+from client.output import JsonLinesWriter, ids_path
+from client.progress import Progress
+from client.shards import JobLocked, JobState, ShardWriter, parts_folder
+from client.sources import Inputs, Tally
+
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_INVALID_ARGUMENT = 3
+
+
+class UsageError(ValueError):
+    """The job cannot start as asked (exit status 2)."""
+
+
+class JobError(EmbedClientError):
+    """The job must stop: the service answered something the job's rows cannot take."""
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What `python -m client embed` was asked to do."""
+
+    inputs: Inputs
+    out: Path | None
+    pooling: str = "cls"
+    normalize: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    retry_failed: bool = False
+    shard_rows: int = 1024
+    shard_seconds: float = 10.0
+    progress: str = "off"
+    log_every_s: float = 10.0
+
+
+class Listing:
+    """The `select` of a job's inputs: numbers each distinct id (its output position), drops repeats and done ids."""
+
+    def __init__(self, skip: Container[str]) -> None:
+        self.skip = skip
+        self.positions: dict[str, int] = {}
+        self.repeated = 0
+        self.repeated_examples: list[str] = []
+        self.skipped = 0
+        self.tally = Tally()
+
+    def __call__(self, image_id: str) -> bool:
+        if image_id in self.positions:
+            self.repeated += 1
+            if len(self.repeated_examples) < 3:
+                self.repeated_examples.append(image_id)
+            return False
+        self.positions[image_id] = len(self.positions)
+        if image_id in self.skip:
+            self.skipped += 1
+            return False
+        return True
+
+
+class _Skip:
+    """Ids with a row, and (unless retried) ids that failed before."""
+
+    def __init__(self, done: set[str], failed: dict[str, ItemError] | None) -> None:
+        self.done, self.failed = done, failed
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self.done or (self.failed is not None and image_id in self.failed)
+
+
+class _Counter(threading.Thread):
+    """Counts on the side the images this run will embed, for the progress total and ETA (best effort)."""
+
+    def __init__(self, inputs: Inputs, skip: Container[str]) -> None:
+        super().__init__(name="count-inputs", daemon=True)
+        self.inputs, self.skip = inputs, skip
+        self.total: int | None = None
+        self.stopped = False
+
+    def run(self) -> None:
+        count = 0
+
+        def select(image_id: str) -> bool:
+            nonlocal count
+            if self.stopped:
+                raise _Stop
+            count += image_id not in self.skip
+            return False
+
+        try:
+            for _ in self.inputs.sources(select, Tally()):
+                pass
+        except Exception:  # stopped, or an input changed under us: no total then
+            return
+        self.total = count
+
+
+class _Stop(Exception):
+    pass
+
+
+def _pairs(inputs: Inputs, listing: Listing, line_ids_only: bool) -> Iterator[tuple[str, Any]]:
+    """The selected inputs as `(id, image)`; an id an ids file cannot hold fails here, not at the end."""
+    for source in inputs.sources(listing, listing.tally):
+        if line_ids_only and ("\n" in source.id or "\r" in source.id):
+            message = "the id has a line break, which an .ids.txt file cannot hold; write .parquet or .npz"
+            yield source.id, ItemError(_INVALID_ARGUMENT, message)
+        else:
+            yield source.id, source.image
+
+
+class Job:
+    """One run of a job; `run()` returns the exit status and reports on `stderr`."""
+
+    def __init__(self, options: JobOptions, backend: Callable[[], Backend], stdout: IO[str], stderr: IO[str]) -> None:
+        self.options = options
+        self.make_backend = backend
+        self.stdout, self.stderr = stdout, stderr
+        self.failures: dict[str, ItemError] = {}
+        self.embedded = 0
+        self.dim = 0
+        self.manifest: Manifest = None  # type: ignore[assignment]  # set once the job's state is open
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stderr, flush=True)
+
+    def run(self) -> int:
+        if self.options.out is None:
+            return self._run(None)
+        state = JobState(parts_folder(self.options.out))
+        try:
+            return self._run(state)
+        finally:
+            state.close()
+
+    def _run(self, state: JobState | None) -> int:
+        try:
+            previous = self._check(state)
+            backend = self.make_backend()
+        except (UsageError, ValueError) as exc:  # ManifestMismatch is a ValueError too
+            self.say(f"error: {exc}")
+            return EXIT_USAGE
+        try:
+            return self._with_backend(backend, state, previous)
+        except (UsageError, ManifestMismatch, JobLocked) as exc:
+            self.say(f"error: {exc}")
+            return EXIT_USAGE
+        finally:
+            backend.close()
+
+    def _check(self, state: JobState | None) -> Manifest | None:
+        """The job to resume, if any; refuses what would silently mix or clobber outputs."""
+        out = self.options.out
+        if state is None or out is None:
+            return None
+        previous = None if self.options.overwrite else manifests.read(state.manifest_path)
+        if previous is None and self.options.resume:
+            raise UsageError(f"nothing to resume: {state.manifest_path} does not exist")
+        if previous is None and not self.options.overwrite and out.exists():
+            raise UsageError(f"{out} exists and has no job state beside it ({state.folder}/); "
+                             "give --overwrite to replace it")  # fmt: skip
+        return previous
+
+    def _with_backend(self, backend: Backend, state: JobState | None, previous: Manifest | None) -> int:
+        options = self.options
+        try:
+            identity = backend.identity(options.pooling, options.normalize)
+        except EmbedClientError as exc:
+            self.say(f"error: {exc}; nothing written")
+            return EXIT_JOB_FAILED
+        if state is None:
+            return self._stream(backend, identity)
+        state.open()
+        if options.overwrite:
+            state.clear()
+            for stale in (options.out, ids_path(options.out), failures_path(options.out)):  # type: ignore[arg-type]
+                stale.unlink(missing_ok=True)
+        else:  # read again under the lock: another run may have begun the job since
+            previous = manifests.read(state.manifest_path)
+        job = Manifest(identity, options.inputs.arguments, _list_name(options.inputs), str(options.out))
+        if previous is not None:
+            hint = "; give --overwrite to start again, or write to another OUT"
+            try:
+                previous.check_resumable(identity, job.inputs, job.from_list)
+            except ManifestMismatch as exc:
+                raise ManifestMismatch(f"cannot resume {state.folder}/: {exc}{hint}") from None
+            job = previous if previous.identity.dim or not identity.dim else previous.with_updates(identity=identity)
+        self.manifest = job
+        manifests.write(state.manifest_path, job)
+        return self._durable(backend, state)
+
+    # ------------------------------------------------------------------ durable (with OUT)
+
+    def _save(self, state: JobState, **changes: Any) -> None:
+        self.manifest = self.manifest.with_updates(**changes)
+        manifests.write(state.manifest_path, self.manifest)
+
+    def _durable(self, backend: Backend, state: JobState) -> int:
+        options = self.options
+        was_complete = self.manifest.complete
+        out: Path = options.out  # type: ignore[assignment]
+        done = state.done_ids()
+        self.failures = state.failures(done)
+        skip = _Skip(done, None if options.retry_failed else self.failures)
+        listing = Listing(skip)
+        writer = ShardWriter(state, options.shard_rows, options.shard_seconds)
+        self.dim = self.manifest.identity.dim
+        if done:
+            self.say(f"resuming {state.folder}/: {len(done)} images done before" +
+                     (f", {len(self.failures)} failed" if self.failures else ""))  # fmt: skip
+
+        def add(result: ItemResult) -> None:
+            embedding: np.ndarray = result.embedding  # type: ignore[assignment]
+            if not self.dim:  # a RunPod job learns its row size from the first row
+                self.dim = len(embedding)
+                self._save(state, identity=_sized(self.manifest.identity, self.dim))
+            if len(embedding) != self.dim:
+                raise JobError(f"the service answered {len(embedding)} values for {result.id!r}, but this job's "
+                               f"rows have {self.dim}: did a server change model?")  # fmt: skip
+            writer.add(result.id, embedding)
+            self.failures.pop(result.id, None)
+
+        def fail(result: ItemResult) -> None:
+            writer.fail(result.id, result.error)  # type: ignore[arg-type]
+            self.failures[result.id] = result.error  # type: ignore[assignment]
+
+        def commit() -> None:
+            if writer.pending and self.manifest.complete:  # OUT no longer holds everything committed
+                self._save(state, complete=False)
+            writer.commit()
+
+        progress = Progress(self.stderr, options.progress, options.log_every_s)
+        outcome = self._loop(backend, listing, skip, progress, add, fail, commit, writer.due, out)
+        saved = len(done) + writer.committed_rows
+        if outcome is not None:
+            where = f"{saved} images are saved in {state.folder}/; run the same command again to resume"
+            self.say(f"{outcome}; {where}")
+            return EXIT_INTERRUPTED if outcome == "interrupted" else EXIT_JOB_FAILED
+        positions = listing.positions
+        left_out = sum(1 for image_id in done if image_id not in positions)
+        if not was_complete or writer.committed_rows or writer.committed_failures or left_out or not out.exists():
+            result = consolidate(state.shards(), out, positions)
+            self.dim = result.dim or self.dim
+            failed = write_failures(out, self.failures, positions)
+            self._save(state, complete=True, rows=result.rows, failed=failed)
+            rows = result.rows
+            if result.left_out:
+                self.say(f"note: {result.left_out} rows of earlier runs are of images no longer among the "
+                         "inputs; they are left out of the output")  # fmt: skip
+        else:
+            rows = self.manifest.rows
+            self.say(f"nothing new: {out} is up to date")
+        return self._summary(listing, progress, rows, out)
+
+    def _loop(self, backend: Backend, listing: Listing, skip: Container[str], progress: Progress,
+              add: Callable[[ItemResult], None], fail: Callable[[ItemResult], None],
+              commit: Callable[[], None], due: Callable[[], bool], out: Path | None) -> str | None:  # fmt: skip
+        """Runs the inputs through the backend; returns None when done, else why it stopped."""
+        counter = _Counter(self.options.inputs, skip) if progress.mode != "off" else None
+        if counter is not None:
+            counter.start()
+        pairs = _pairs(self.options.inputs, listing, out is not None and out.suffix.lower() == ".npy")
+        batches = backend.embed_batches(pairs, self.options.pooling, self.options.normalize)
+        try:
+            for batch in batches:
+                failed = 0
+                for result in batch:
+                    if result.embedding is not None:
+                        add(result)
+                        self.embedded += 1
+                    else:
+                        fail(result)
+                        failed += 1
+                if counter is not None and counter.total is not None:
+                    progress.set_total(counter.total)
+                progress.update(len(batch), failed)
+                if due():
+                    commit()
+            commit()
+            return None
+        except KeyboardInterrupt:
+            commit()
+            return "interrupted"
+        except EmbedClientError as exc:
+            commit()
+            return f"error: the job stopped: {exc}"
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+            if counter is not None:
+                counter.stopped = True
+            progress.close()
+
+    # ------------------------------------------------------------------ JSON lines on stdout (no OUT)
+
+    def _stream(self, backend: Backend, identity: Identity) -> int:
+        writer = JsonLinesWriter(self.stdout)
+        listing = Listing(set())
+        self.dim = identity.dim
+
+        def add(result: ItemResult) -> None:
+            self.dim = len(result.embedding)  # type: ignore[arg-type]
+            writer.add([result.id], result.embedding[None, :])  # type: ignore[index]
+
+        def fail(result: ItemResult) -> None:
+            self.failures[result.id] = result.error  # type: ignore[assignment]
+
+        progress = Progress(self.stderr, self.options.progress, self.options.log_every_s)
+        outcome = self._loop(backend, listing, set(), progress, add, fail, writer.close, lambda: False, None)
+        if outcome is not None:
+            self.say(outcome)
+            return EXIT_INTERRUPTED if outcome == "interrupted" else EXIT_JOB_FAILED
+        return self._summary(listing, progress, self.embedded, None)
+
+    # ------------------------------------------------------------------ the summary
+
+    def _summary(self, listing: Listing, progress: Progress, rows: int, out: Path | None) -> int:
+        elapsed = progress.elapsed
+        total = len(listing.positions)
+        ran = progress.done
+        where = "" if out is None else f" -> {out}" + (f" (ids in {ids_path(out)})" if out.suffix == ".npy" else "")
+        self.say(f"embedded {rows} of {total} images (dim {self.dim}) in {elapsed:.2f} s, "
+                 f"{ran / max(elapsed, 1e-9):.1f} images/s{where}")  # fmt: skip
+        details = [f"this run: {self.embedded} embedded, {progress.failed} failed, {listing.skipped} done before"]
+        if listing.tally.non_images:
+            details.append(f"{listing.tally.non_images} non-image files skipped")
+        if listing.repeated:
+            shown = ", ".join(repr(i) for i in listing.repeated_examples)
+            details.append(f"{listing.repeated} inputs skipped as repeats of an earlier id ({shown})")
+        self.say("; ".join(details))
+        failed = [(listing.positions[i], i, e) for i, e in self.failures.items() if i in listing.positions]
+        if not failed:
+            return EXIT_OK
+        failed.sort()
+        listed = "" if out is None else f" (listed in {failures_path(out)})"
+        self.say(f"{len(failed)} image(s) failed{listed}:")
+        for _, image_id, error in failed[:20]:
+            self.say(f"  {image_id}: {error}")
+        if len(failed) > 20:
+            self.say(f"  ... and {len(failed) - 20} more")
+        return EXIT_ITEMS_FAILED
+
+
+def _sized(identity: Identity, dim: int) -> Identity:
+    return Identity(identity.model_id, identity.revision, identity.dtype, identity.embedding_dim,
+                    identity.pooling, identity.normalize, dim)  # fmt: skip
+
+
+def _list_name(inputs: Inputs) -> str | None:
+    return None if inputs.from_list is None else str(inputs.from_list)
