@@ -15,6 +15,7 @@ stdout as they come, and nothing is kept for a resume.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
@@ -173,6 +174,9 @@ class Job:
         except (UsageError, ManifestMismatch, JobLocked) as exc:
             self.say(f"error: {exc}")
             return EXIT_USAGE
+        except OSError as exc:  # a full disk, a folder gone: what was committed stays committed
+            self.say(f"error: the job stopped: {exc}")
+            return EXIT_JOB_FAILED
         finally:
             backend.close()
 
@@ -241,7 +245,7 @@ class Job:
             embedding: np.ndarray = result.embedding  # type: ignore[assignment]
             if not self.dim:  # a RunPod job learns its row size from the first row
                 self.dim = len(embedding)
-                self._save(state, identity=_sized(self.manifest.identity, self.dim))
+                self._save(state, identity=dataclasses.replace(self.manifest.identity, dim=self.dim))
             if len(embedding) != self.dim:
                 raise JobError(f"the service answered {len(embedding)} values for {result.id!r}, but this job's "
                                f"rows have {self.dim}: did a server change model?")  # fmt: skip
@@ -367,11 +371,6 @@ class Job:
         if len(failed) > 20:
             self.say(f"  ... and {len(failed) - 20} more")
         return EXIT_ITEMS_FAILED
-
-
-def _sized(identity: Identity, dim: int) -> Identity:
-    return Identity(identity.model_id, identity.revision, identity.dtype, identity.embedding_dim,
-                    identity.pooling, identity.normalize, dim)  # fmt: skip
 
 
 def _list_name(inputs: Inputs) -> str | None:

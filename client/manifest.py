@@ -95,9 +95,14 @@ class Manifest:
                 f"this job was started with {self.identity.describe()}, but now runs with {identity.describe()} "
                 f"({'; '.join(problems)}); its rows would not be comparable"
             )
-        if (self.inputs, self.from_list) != (inputs, from_list):
+        if _normal(self.inputs, self.from_list) != _normal(inputs, from_list):
             listed = f" --from-list {self.from_list}" if self.from_list else ""
             raise ManifestMismatch(f"this job was started for other inputs: {' '.join(self.inputs)}{listed}")
+
+
+def _normal(inputs: tuple[str, ...], from_list: str | None) -> tuple[tuple[str, ...], str | None]:
+    """Inputs as compared on resume: `photos/` and `photos` are the same argument."""
+    return tuple(os.path.normpath(i) for i in inputs), None if from_list is None else os.path.normpath(from_list)
 
 
 def read(path: Path) -> Manifest | None:
