@@ -61,6 +61,7 @@ class Batcher:
         probe: Callable[[], None] | None = None,
         probe_interval_s: float = 2.0,
         on_health: Callable[[bool], None] = lambda healthy: None,
+        more_coming: Callable[[], bool] = lambda: True,
     ) -> None:
         self._forward = forward
         self._max_batch_size = max_batch_size
@@ -69,6 +70,7 @@ class Batcher:
         self._probe = probe
         self._probe_interval_s = probe_interval_s
         self._on_health = on_health
+        self._more_coming = more_coming
         self._healthy = True
         self._prober: asyncio.Task[None] | None = None
         self._pending: collections.deque[_Entry] = collections.deque()
@@ -140,12 +142,16 @@ class Batcher:
                 _settle(entry, ItemOutput(output.cls[row], output.mean[row], queued, elapsed, len(batch)))
 
     async def _collect(self) -> list[_Entry]:
-        """Waits for a first image, then up to max_wait after it for a full batch."""
+        """Waits for a first image, then up to max_wait after it for a full batch.
+
+        It stops waiting early when `more_coming()` says no other image is on
+        its way (a lone request is not held back for nothing).
+        """
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
         flush_at = self._pending[0].enqueued_at + self._max_wait_s
-        while len(self._pending) < self._max_batch_size:
+        while len(self._pending) < self._max_batch_size and self._more_coming():
             remaining = flush_at - time.monotonic()
             if remaining <= 0:
                 break

@@ -87,7 +87,9 @@ class EmbedService:
             probe=runner.warmup,
             probe_interval_s=settings.probe_interval_s,
             on_health=self._set_healthy,
+            more_coming=lambda: self._decoding > 0,
         )
+        self._decoding = 0
         self._admission = Admission(settings.max_queue_images)
         self._ready = False
         self._healthy = True
@@ -172,10 +174,13 @@ class EmbedService:
     async def _embed_one(self, data: bytes, options: EmbedOptions, deadline: float | None) -> ImageResult:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        self._decoding += 1
         try:
             pixels = await loop.run_in_executor(self._decode_pool, decode, data, self._limits, self.runner.image_size)
         except EmbedError as exc:
             return ImageResult(error=exc, preprocess_s=time.monotonic() - started)
+        finally:
+            self._decoding -= 1
         preprocess_s = time.monotonic() - started
         self.metrics.preprocess_seconds.observe(preprocess_s)
         try:

@@ -70,6 +70,16 @@ async def test_a_lone_image_waits_at_most_max_wait() -> None:
     await batcher.close()
 
 
+async def test_a_lone_image_is_not_held_back_when_nothing_more_is_coming() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=500.0, metrics=Metrics(), more_coming=lambda: False)
+    batcher.start()
+    t0 = time.monotonic()
+    out = await batcher.submit(image(7))
+    assert time.monotonic() - t0 < 0.25 and out.batch_size == 1
+    await batcher.close()
+
+
 async def test_images_queued_while_the_model_is_busy_form_the_next_batch() -> None:
     model = FakeModel(delay_s=0.2)
     batcher = await started(model, max_wait_ms=0.0)

@@ -128,7 +128,7 @@ def test_info_describes_model_and_limits(server: RunningServer) -> None:
     info = server.stub.Info(pb.InfoRequest(), timeout=10)
     assert info.embedding_dim == 32 and info.image_size == 224
     assert info.dtype == "float32" and info.device == "cpu"
-    assert info.max_batch_size == 32 and info.max_images_per_request == 256
+    assert info.max_batch_size == 16 and info.max_images_per_request == 256
     assert info.max_image_bytes == 32 * 1024 * 1024 and info.max_image_pixels == 50_000_000
     assert info.model_id.endswith(("dinov2-tiny0", "dinov2-tiny"))
 
