@@ -28,7 +28,7 @@ from client.images import png_bytes
 from server.config import Settings
 from server.model import Pooling
 from tests import images
-from tests.conftest import Reference, RunningServer, assert_close
+from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close
 
 FAST_RETRY = RetryPolicy(max_attempts=12, initial_backoff_s=0.05, max_backoff_s=0.5)
 INVALID_ARGUMENT, NOT_FOUND = 3, 5
@@ -247,8 +247,10 @@ def test_a_refused_request_is_not_retried(make_server: Any) -> None:
     assert "over the limit" in info.value.message and len(info.value.ids) == 8
 
 
-def test_timeout_bounds_each_request(make_server: Any) -> None:
-    slow = make_server(max_wait_ms=10_000, max_batch_size=64)
+def test_timeout_bounds_each_request(make_server: Any, runner: Any) -> None:
+    controlled = ControlledRunner(runner)
+    slow = make_server(runner_=controlled)
+    controlled.delay_s = 2.0  # each forward pass from now on: far longer than the timeout
     with EmbedClient(slow.address, timeout=0.3) as client:
         started = time.monotonic()
         with pytest.raises(EmbedRequestError) as info:
