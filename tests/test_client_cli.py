@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from client.runpod_client import RunPodClient
 from server.model import Pooling
 from tests import images
 from tests.conftest import Reference, RunningServer, assert_close
+from tests.runpod_api import LocalRunPodApi
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -249,54 +248,15 @@ def test_runpod_client_uses_the_endpoint_url_the_key_and_polls_status(monkeypatc
                                ("GET", "/v2/ep-123/status/job-1", "Bearer rp-key")]  # fmt: skip
 
 
-class LocalRunPod:
-    """`python runpod_handler.py --rp_serve_api` on a free loopback port."""
-
-    def __init__(self, model_dir: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MODEL_ID": str(model_dir), "HOST": "127.0.0.1", "METRICS_PORT": "-1"}
-        args = ["--rp_serve_api", "--rp_api_port", str(self.port), "--rp_api_host", "127.0.0.1"]
-        self.proc = subprocess.Popen([sys.executable, "runpod_handler.py", *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if "Uvicorn running on" in line:
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120) or self.proc.poll() is not None:
-            self.stop()
-            raise AssertionError("RunPod API server did not start:\n" + "".join(self.lines))
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
-def local_runpod(model_dir: Path) -> Iterator[LocalRunPod]:
-    if not (ROOT / "runpod_handler.py").exists():
-        pytest.skip("runpod_handler.py is not written yet")
-    api = LocalRunPod(model_dir)
+def local_runpod(model_dir: Path) -> Iterator[LocalRunPodApi]:
+    api = LocalRunPodApi(model_dir)
     yield api
     api.stop()
 
 
 def test_runpod_command_against_the_local_api_server(
-    local_runpod: LocalRunPod, small_folder: tuple[Path, dict[str, bytes]], reference: Reference, tmp_path: Path
+    local_runpod: LocalRunPodApi, small_folder: tuple[Path, dict[str, bytes]], reference: Reference, tmp_path: Path
 ) -> None:
     folder, written = small_folder
     out = tmp_path / "rp.npy"
@@ -308,7 +268,7 @@ def test_runpod_command_against_the_local_api_server(
 
 
 def test_runpod_command_names_broken_files_even_when_a_whole_job_fails(
-    local_runpod: LocalRunPod, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+    local_runpod: LocalRunPodApi, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
     folder, written = small_folder
     broken = tmp_path / "broken"
@@ -323,7 +283,7 @@ def test_runpod_command_names_broken_files_even_when_a_whole_job_fails(
     assert sorted(json.loads(line)["id"] for line in stdout.splitlines()) == sorted(written)
 
 
-def test_runpod_client_equals_the_grpc_client(local_runpod: LocalRunPod, server: RunningServer) -> None:
+def test_runpod_client_equals_the_grpc_client(local_runpod: LocalRunPodApi, server: RunningServer) -> None:
     datas = [images.png(seed=s) for s in range(5)]
     with RunPodClient(base_url=local_runpod.url) as runpod, EmbedClient(server.address) as grpc_client:
         assert_close(runpod.embed(datas, pooling="mean", normalize=True),
@@ -331,7 +291,7 @@ def test_runpod_client_equals_the_grpc_client(local_runpod: LocalRunPod, server:
 
 
 def test_embed_with_a_runpod_base_url_is_resumable_and_equals_grpc(
-    local_runpod: LocalRunPod, server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+    local_runpod: LocalRunPodApi, server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
     folder, written = small_folder
     out = tmp_path / "rp.parquet"

@@ -9,12 +9,8 @@ import dataclasses
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import threading
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import runpod_handler
 from protos.dinov2.v1 import embed_pb2 as pb
@@ -32,6 +27,7 @@ from server.config import Settings
 from server.model import ModelRunner, Pooling
 from tests import images
 from tests.conftest import Reference, RunningServer, assert_close
+from tests.runpod_api import LocalRunPodApi
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = images.png(seed=4)
@@ -350,79 +346,20 @@ def test_a_missing_model_ends_the_start_with_one_line(scripted: dict[str, Script
 # ------------------------------------------------------- local API server
 
 
-class ApiServer:
-    """`python runpod_handler.py --rp_serve_api` on a free loopback port."""
-
-    def __init__(self, model_dir: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        env = {**os.environ, "MODEL_ID": str(model_dir), "HOST": "127.0.0.1", "METRICS_PORT": "0",
-               "MAX_WAIT_MS": "100", "RUNPOD_LOG_LEVEL": "INFO"}  # fmt: skip
-        args = ["--rp_serve_api", "--rp_api_port", str(self.port), "--rp_api_host", "127.0.0.1"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "runpod_handler.py", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self.metrics_port: int | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(120) or self.proc.poll() is not None:
-            self.stop()
-            raise AssertionError("API server did not start:\n" + "".join(self.lines))
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if match := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line):
-                self.metrics_port = int(match.group(1))
-            if "Uvicorn running on" in line and self.metrics_port:
-                self._ready.set()
-        self._ready.set()
-
-    def runsync(self, job_input: Any) -> dict[str, Any]:
-        body = json.dumps({"input": job_input}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/runsync", body, {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.load(response)
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """A sample's value from the worker's /metrics endpoint (0 when absent)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == (labels or {}):
-                    return float(sample.value)
-        return 0.0
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
-def api(model_dir: Path) -> Iterator[ApiServer]:
-    server = ApiServer(model_dir)
+def api(model_dir: Path) -> Iterator[LocalRunPodApi]:
+    server = LocalRunPodApi(model_dir, metrics=True, MAX_WAIT_MS="100")
     yield server
     server.stop()
 
 
-def test_api_seed_contract(api: ApiServer, reference: Reference) -> None:
+def test_api_seed_contract(api: LocalRunPodApi, reference: Reference) -> None:
     answer = api.runsync({"image": b64(GOOD)})
     assert answer["status"] == "COMPLETED"
     assert_close(vec(answer["output"]["embedding"]), reference.embed(GOOD), "runsync seed")
 
 
-def test_api_batch_contract(api: ApiServer, reference: Reference) -> None:
+def test_api_batch_contract(api: LocalRunPodApi, reference: Reference) -> None:
     answer = api.runsync({"images": [b64(GOOD), b64(b"broken")], "pooling": "mean", "normalize": True})
     assert answer["status"] == "COMPLETED"
     output = answer["output"]
@@ -440,13 +377,13 @@ def test_api_batch_contract(api: ApiServer, reference: Reference) -> None:
         ({"picture": b64(GOOD)}, "INVALID_ARGUMENT: unknown input key(s) 'picture'"),
     ],
 )
-def test_api_bad_jobs_are_failed(api: ApiServer, job_input: Any, error: str) -> None:
+def test_api_bad_jobs_are_failed(api: LocalRunPodApi, job_input: Any, error: str) -> None:
     answer = api.runsync(job_input)
     assert answer["status"] == "FAILED" and "output" not in answer
     assert answer["error"].startswith(error)
 
 
-def test_api_concurrent_jobs_share_batches(api: ApiServer, reference: Reference) -> None:
+def test_api_concurrent_jobs_share_batches(api: LocalRunPodApi, reference: Reference) -> None:
     datas = [images.png(seed=s) for s in range(8)]
     batches, images_in_batches = api.metric("dinov2_batch_size_count"), api.metric("dinov2_batch_size_sum")
     ok = api.metric("dinov2_requests_total", JOB_OK)
