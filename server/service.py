@@ -179,6 +179,9 @@ class EmbedService:
             pixels = await loop.run_in_executor(self._decode_pool, decode, data, self._limits, self.runner.image_size)
         except EmbedError as exc:
             return ImageResult(error=exc, preprocess_s=time.monotonic() - started)
+        except asyncio.CancelledError:
+            self.metrics.dropped.labels("cancelled").inc()  # the caller left before the image was queued
+            raise
         finally:
             self._decoding -= 1
         preprocess_s = time.monotonic() - started
