@@ -162,8 +162,12 @@ class EmbedService:
         else:
             self._admission.try_acquire(len(images))
         self.metrics.in_flight.set(self._admission.in_flight)
+        queued = [0]  # images handed to the batcher; it counts its own drops
         try:
-            results = await asyncio.gather(*(self._embed_one(data, options, deadline) for data in images))
+            results = await asyncio.gather(*(self._embed_one(data, options, deadline, queued) for data in images))
+        except asyncio.CancelledError:
+            self.metrics.dropped.labels("cancelled").inc(len(images) - queued[0])  # left before the queue
+            raise
         finally:
             self._admission.release(len(images))
             self.metrics.in_flight.set(self._admission.in_flight)
@@ -171,7 +175,9 @@ class EmbedService:
             self.metrics.images.labels(type(result.error).__name__ if result.error else "ok").inc()
         return list(results)
 
-    async def _embed_one(self, data: bytes, options: EmbedOptions, deadline: float | None) -> ImageResult:
+    async def _embed_one(
+        self, data: bytes, options: EmbedOptions, deadline: float | None, queued: list[int]
+    ) -> ImageResult:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self._decoding += 1
@@ -179,13 +185,11 @@ class EmbedService:
             pixels = await loop.run_in_executor(self._decode_pool, decode, data, self._limits, self.runner.image_size)
         except EmbedError as exc:
             return ImageResult(error=exc, preprocess_s=time.monotonic() - started)
-        except asyncio.CancelledError:
-            self.metrics.dropped.labels("cancelled").inc()  # the caller left before the image was queued
-            raise
         finally:
             self._decoding -= 1
         preprocess_s = time.monotonic() - started
         self.metrics.preprocess_seconds.observe(preprocess_s)
+        queued[0] += 1
         try:
             out = await self._batcher.submit(pixels, deadline)
         except EmbedError as exc:
