@@ -51,6 +51,7 @@ CODE_OF: dict[type[errors.EmbedError], str] = {
     errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
     errors.Cancelled: "CANCELLED",
     errors.InferenceFailed: "INTERNAL",
+    errors.Internal: "INTERNAL",
 }
 INTERNAL_MESSAGE = "the worker failed on this job; the details are in its log"
 

@@ -8,7 +8,7 @@ import sys
 
 from server.app import serve
 from server.config import load_settings
-from server.errors import ModelLoadError
+from server.errors import ModelLoadError, StartupError
 from server.logs import configure_logging
 
 
@@ -17,7 +17,7 @@ def main() -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except ModelLoadError as exc:
+    except (ModelLoadError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 from server.config import Settings
-from server.grpc_service import EmbedServicer
+from server.errors import StartupError
+from server.grpc_service import SERVICE_NAME, EmbedServicer, add_to_server
 from server.interceptors import ApiKeyInterceptor, RequestIdInterceptor
 from server.metrics import Metrics
 from server.model import ModelRunner
@@ -24,7 +25,36 @@ from server.service import EmbedService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name
+_IDENTITY_ONLY = 1  # grpc.compression_enabled_algorithms_bitset: no gzip/deflate requests
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The server's gRPC channel arguments, each a bound on what a caller can make it do.
+
+    Compressed requests are refused (UNIMPLEMENTED): a 130 KB gzip body can
+    inflate to the whole message limit, and gRPC inflates before any check of
+    ours. SO_REUSEPORT is off, so a second server on a busy port fails to start
+    instead of silently taking half the connections.
+    """
+    return [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_send_message_length", settings.max_request_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
+    ]
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Fails the start at once, before the model loads, when a port is taken (0 = any port)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"{what} port {port} is in use ({exc.strerror})") from None
 
 
 class EmbedServer:
@@ -43,12 +73,10 @@ class EmbedServer:
             interceptors.append(ApiKeyInterceptor(settings.api_key))
         self._server = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", settings.max_request_bytes),
-                ("grpc.max_send_message_length", settings.max_request_bytes),
-            ]
+            options=grpc_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        embed_pb2_grpc.add_EmbedServicer_to_server(EmbedServicer(self.service), self._server)
+        add_to_server(EmbedServicer(self.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -57,13 +85,19 @@ class EmbedServer:
 
     async def start(self) -> int:
         """Listens (health NOT_SERVING), warms the model up, then reports SERVING; returns the port."""
-        self.port = self._listen()
+        try:
+            self.port = self._listen()
+        except RuntimeError:  # grpc's "Failed to bind"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.address}")
+            raise StartupError(f"port {self.settings.port} is in use (cannot listen on {self.settings.address})")
+        try:
+            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+        except OSError as exc:
+            raise StartupError(f"metrics port {self.settings.metrics_port} is in use ({exc.strerror})") from None
         self.service.add_health_listener(self._publish_health)
         await self._server.start()
         log.info("gRPC listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if self.settings.tls_cert else "")
-        self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         await self.service.start()
         return self.port
 
@@ -96,6 +130,9 @@ class EmbedServer:
 
 async def serve(settings: Settings) -> None:
     """Loads the model, serves until SIGTERM or SIGINT, then drains and returns."""
+    check_port_free(settings.host, settings.port, "gRPC")
+    if settings.metrics_port >= 0:
+        check_port_free(settings.host, settings.metrics_port, "metrics")
     runner = await asyncio.to_thread(ModelRunner.load, settings)
     server = EmbedServer(settings, runner)
     stop = asyncio.Event()

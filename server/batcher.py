@@ -4,8 +4,12 @@ One asyncio task owns the queue. It waits for a first image, then fills the
 batch until `max_batch_size` images or until the first image has waited
 `max_wait_ms`; whatever queued up while the model was busy goes into the next
 batch at once. Images whose caller left or whose deadline passed are dropped
-before the forward pass. The forward pass runs on one dedicated thread, so the
-event loop keeps serving I/O meanwhile.
+before the forward pass. The forward pass runs on the model's compute thread,
+so the event loop keeps serving I/O meanwhile; one that takes longer than
+`forward_timeout_s` fails its images and marks the worker unhealthy.
+
+Callers hand images over in chunks (`put`), each with a `Sink` that takes
+their outputs back: one object per request instead of a future per image.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, InferenceFailed, Unavailable
+from server.errors import DeadlineExceeded, EmbedError, InferenceFailed, Unavailable
 from server.metrics import Metrics
 from server.model import BatchOutput
+from server.runtime import ComputeThread
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +46,45 @@ class ItemOutput:
     batch_size: int
 
 
+class Sink(Protocol):
+    """Where a request's images' outputs go; the batcher calls it on the event loop."""
+
+    def wanted(self) -> bool:
+        """False once the caller has left: its queued images are dropped."""
+        ...
+
+    def settle(self, index: int, result: ItemOutput | EmbedError) -> None: ...
+
+
 @dataclass(eq=False)
 class _Entry:
     pixels: np.ndarray
-    future: asyncio.Future[ItemOutput]
+    sink: Sink
+    index: int
     deadline: float | None  # time.monotonic() seconds
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
+class _FutureSink:
+    """A sink for one image, awaited as a future (`Batcher.submit`)."""
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[ItemOutput] = asyncio.get_running_loop().create_future()
+
+    def wanted(self) -> bool:
+        return not self.future.done()
+
+    def settle(self, index: int, result: ItemOutput | EmbedError) -> None:
+        if self.future.done():
+            return
+        if isinstance(result, EmbedError):
+            self.future.set_exception(result)
+        else:
+            self.future.set_result(result)
+
+
 class Batcher:
-    """Queue, batch forming and per-image futures around one forward function."""
+    """Queue, batch forming and supervision around one forward function."""
 
     def __init__(
         self,
@@ -58,6 +93,8 @@ class Batcher:
         max_batch_size: int,
         max_wait_ms: float,
         metrics: Metrics,
+        compute: ComputeThread | None = None,
+        forward_timeout_s: float = 120.0,
         probe: Callable[[], None] | None = None,
         probe_interval_s: float = 2.0,
         on_health: Callable[[bool], None] = lambda healthy: None,
@@ -67,19 +104,23 @@ class Batcher:
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000.0
         self._metrics = metrics
+        self._own_compute = compute is None
+        self._compute = compute or ComputeThread("forward")
+        self._forward_timeout_s = forward_timeout_s
         self._probe = probe
         self._probe_interval_s = probe_interval_s
         self._on_health = on_health
         self._more_coming = more_coming
         self._healthy = True
+        self.stalled = False  # a forward pass overran its timeout and has not returned yet
         self._prober: asyncio.Task[None] | None = None
         self._pending: collections.deque[_Entry] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._task.add_done_callback(self._on_task_done)
 
     async def close(self) -> None:
         """Stops batching; images still queued fail with `Unavailable`."""
@@ -88,58 +129,86 @@ class Batcher:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._task = self._prober = None
-        while self._pending:
-            entry = self._pending.popleft()
-            if not entry.future.done():
-                entry.future.set_exception(Unavailable("server is shutting down"))
-        self._metrics.queue_depth.set(0)
-        self._executor.shutdown(wait=True)
+        self._fail_pending(Unavailable("server is shutting down"))
+        if self._own_compute:
+            self._compute.close()
 
-    async def submit(self, pixels: np.ndarray, deadline: float | None = None) -> ItemOutput:
-        """Queues one decoded image and waits for its output.
-
-        Cancelling the awaiting task cancels the entry, which is then dropped
-        before it reaches the model.
-        """
+    def accepting(self) -> None:
+        """Raises `Unavailable` when images put now could not be run."""
         if self._task is None or self._task.done():
             raise Unavailable("inference worker is not running")
-        entry = _Entry(pixels, asyncio.get_running_loop().create_future(), deadline)
-        self._pending.append(entry)
+        if self.stalled:
+            raise Unavailable("inference is stuck on an earlier batch; retry on another server")
+
+    def put(self, items: Iterable[tuple[int, np.ndarray]], sink: Sink, deadline: float | None) -> int:
+        """Queues a chunk of one request's images, (index, pixels) each; returns how many."""
+        self.accepting()
+        now = time.monotonic()
+        before = len(self._pending)
+        self._pending.extend(_Entry(pixels, sink, index, deadline, now) for index, pixels in items)
         self._metrics.queue_depth.set(len(self._pending))
         self._wakeup.set()
-        return await entry.future
+        return len(self._pending) - before
+
+    async def submit(self, pixels: np.ndarray, deadline: float | None = None) -> ItemOutput:
+        """Queues one image and waits for its output; cancelling the wait drops it before the model."""
+        sink = _FutureSink()
+        self.put([(0, pixels)], sink, deadline)
+        return await sink.future
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = self._live(await self._collect())
-            if not batch:
-                continue
-            pixels = np.stack([entry.pixels for entry in batch])
-            started = time.monotonic()
-            try:
-                output = await loop.run_in_executor(self._executor, self._forward, pixels)
-                if len(output.cls) != len(batch) or len(output.mean) != len(batch):
-                    raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(batch)} images")
-            except asyncio.CancelledError:
-                for entry in batch:
-                    _settle(entry, exc=Unavailable("server is shutting down"))
-                raise
-            except Exception:
-                log.exception("forward pass failed on a batch of %d images", len(batch))
-                self._metrics.inference_failures.inc()
-                for entry in batch:
-                    _settle(entry, exc=InferenceFailed("inference failed on this image's batch; retry"))
-                self._set_healthy(False)
-                continue
-            elapsed = time.monotonic() - started
-            self._metrics.batch_size.observe(len(batch))
-            self._metrics.inference_seconds.observe(elapsed)
-            self._set_healthy(True)
-            for row, entry in enumerate(batch):
-                queued = started - entry.enqueued_at
-                self._metrics.queue_seconds.observe(queued)
-                _settle(entry, ItemOutput(output.cls[row], output.mean[row], queued, elapsed, len(batch)))
+            if batch:
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Entry]) -> None:
+        pixels = np.stack([entry.pixels for entry in batch])
+        started = time.monotonic()
+        running = self._compute.submit(self._forward, pixels)
+        try:
+            output = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), self._forward_timeout_s)
+            if len(output.cls) != len(batch) or len(output.mean) != len(batch):
+                raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(batch)} images")
+        except asyncio.CancelledError:
+            _settle_all(batch, Unavailable("server is shutting down"))
+            raise
+        except TimeoutError:
+            await self._stall(batch, running)
+            return
+        except Exception:
+            log.exception("forward pass failed on a batch of %d images", len(batch))
+            self._metrics.inference_failures.inc()
+            _settle_all(batch, InferenceFailed("inference failed on this image's batch; retry"))
+            self._set_healthy(False)
+            return
+        elapsed = time.monotonic() - started
+        self._metrics.batch_size.observe(len(batch))
+        self._metrics.inference_seconds.observe(elapsed)
+        self._set_healthy(True)
+        for row, entry in enumerate(batch):
+            queued = started - entry.enqueued_at
+            self._metrics.queue_seconds.observe(queued)
+            entry.sink.settle(entry.index, ItemOutput(output.cls[row], output.mean[row], queued, elapsed, len(batch)))
+
+    async def _stall(self, batch: list[_Entry], running: Future[BatchOutput]) -> None:
+        """A forward pass overran its timeout: fail its images and everything queued, refuse new
+        images, and wait for it (a thread cannot be killed) before batching again."""
+        log.error("forward pass of %d images still running after %.0f s: NOT_SERVING until it returns",
+                  len(batch), self._forward_timeout_s)  # fmt: skip
+        self._metrics.inference_failures.inc()
+        self.stalled = True
+        self._set_healthy(False)
+        message = f"inference did not finish within {self._forward_timeout_s:g} s; retry on another server"
+        _settle_all(batch, Unavailable(message))
+        self._fail_pending(Unavailable(message))
+        try:
+            await asyncio.wrap_future(running)
+        except Exception:
+            pass
+        finally:
+            self.stalled = False
+        log.warning("the overdue forward pass returned; batching again")
 
     async def _collect(self) -> list[_Entry]:
         """Waits for a first image, then up to max_wait after it for a full batch.
@@ -171,14 +240,30 @@ class Batcher:
         now = time.monotonic()
         live = []
         for entry in batch:
-            if entry.future.done():
-                self._metrics.dropped.labels("cancelled").inc()
-            elif entry.deadline is not None and now >= entry.deadline:
+            expired = entry.deadline is not None and now >= entry.deadline
+            if not entry.sink.wanted():
+                self._metrics.dropped.labels("deadline" if expired else "cancelled").inc()
+            elif expired:
                 self._metrics.dropped.labels("deadline").inc()
-                _settle(entry, exc=DeadlineExceeded("deadline passed while the image was queued"))
+                entry.sink.settle(entry.index, DeadlineExceeded("deadline passed while the image was queued"))
             else:
                 live.append(entry)
         return live
+
+    def _fail_pending(self, error: EmbedError) -> None:
+        while self._pending:
+            entry = self._pending.popleft()
+            entry.sink.settle(entry.index, error)
+        self._metrics.queue_depth.set(0)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a batcher that died (not stopped) is logged and reported unhealthy."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the batcher stopped on an unexpected error: NOT_SERVING", exc_info=task.exception())
+        self._fail_pending(Unavailable("inference worker stopped; retry on another server"))
+        self._healthy = False
+        self._on_health(False)
 
     def _set_healthy(self, healthy: bool) -> None:
         """Reports changes; while unhealthy, a prober retries a forward pass until one succeeds."""
@@ -190,23 +275,20 @@ class Batcher:
             self._prober = asyncio.get_running_loop().create_task(self._probe_until_healthy(), name="prober")
 
     async def _probe_until_healthy(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._healthy:
             try:
-                await loop.run_in_executor(self._executor, self._probe)  # type: ignore[arg-type]
+                await asyncio.wrap_future(self._compute.submit(self._probe))  # type: ignore[arg-type]
             except Exception as exc:
                 log.warning("probe forward pass failed (%s); retrying in %.1f s", type(exc).__name__,
                             self._probe_interval_s)  # fmt: skip
                 await asyncio.sleep(self._probe_interval_s)
             else:
-                self._set_healthy(True)
+                if self.stalled:
+                    await asyncio.sleep(self._probe_interval_s)
+                else:
+                    self._set_healthy(True)
 
 
-def _settle(entry: _Entry, result: ItemOutput | None = None, exc: Exception | None = None) -> None:
-    if entry.future.done():
-        return
-    if exc is not None:
-        entry.future.set_exception(exc)
-    else:
-        entry.future.set_result(result)  # type: ignore[arg-type]
-
+def _settle_all(batch: list[_Entry], error: EmbedError) -> None:
+    for entry in batch:
+        entry.sink.settle(entry.index, error)

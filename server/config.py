@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,14 @@ class Settings:
     max_image_bytes: int = _opt(32 * 1024 * 1024, "Largest encoded image, in bytes.")
     max_image_pixels: int = _opt(50_000_000, "Largest decoded image, in pixels (width x height).")
     max_request_bytes: int = _opt(128 * 1024 * 1024, "Largest gRPC message, in bytes.")
-    preprocess_workers: int = _opt(2, "Threads that decode and resize images.")
+    max_inflight_bytes: int = _opt(
+        512 * 1024 * 1024, "Encoded image bytes accepted and not yet answered; beyond it RESOURCE_EXHAUSTED."
+    )
+    max_decode_pixels: int = _opt(
+        200_000_000, "Full-size pixels being decoded at once over all workers; beyond it an image waits its turn."
+    )
+    max_concurrent_rpcs: int = _opt(512, "Calls handled at once; beyond it gRPC answers RESOURCE_EXHAUSTED.")
+    preprocess_workers: int = _opt(0, "Threads that decode and resize images (0 = one per CPU this process may use).")
     stream_window: int = _opt(16, "Requests of one EmbedStream processed at once.")
     grace_s: float = _opt(30.0, "On SIGTERM, how long in-flight work may take to finish.")
     metrics_port: int = _opt(9090, "Prometheus metrics port (-1 disables, 0 picks a free one).")
@@ -50,22 +58,44 @@ class Settings:
     tls_key: str | None = _opt(None, "PEM private key file of --tls-cert.")
     probe_interval_s: float = _opt(2.0, "While the model fails, how often a probe forward pass is tried.")
     compile: str = _opt("off", "torch.compile the model: on or off (minutes more to start).", choices=("off", "on"))
+    forward_timeout_s: float = _opt(
+        120.0, "A forward pass slower than this fails its images (UNAVAILABLE) and turns health NOT_SERVING."
+    )
+    idle_trim_s: float = _opt(1.0, "After this long with no work in flight, freed memory goes back to the OS.")
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
-                    "max_image_pixels", "max_request_bytes", "preprocess_workers", "stream_window",
-                    "runpod_concurrency")  # fmt: skip
+                    "max_image_pixels", "max_request_bytes", "max_inflight_bytes", "max_decode_pixels",
+                    "max_concurrent_rpcs", "stream_window", "runpod_concurrency")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.preprocess_workers < 0:
+            raise ValueError(f"preprocess_workers must not be negative, not {self.preprocess_workers}")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.probe_interval_s <= 0:
             raise ValueError("max_wait_ms and grace_s must not be negative, probe_interval_s must be positive")
+        if self.forward_timeout_s <= 0 or self.idle_trim_s < 0:
+            raise ValueError("forward_timeout_s must be positive and idle_trim_s not negative")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be from 0 to 65535 (0 picks a free one), not {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be from 0 to 65535, or -1 to disable, not {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def decode_workers(self) -> int:
+        """`preprocess_workers`, or one per CPU this process may run on when it is 0."""
+        if self.preprocess_workers:
+            return self.preprocess_workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
 
 
 def _env_name(f: dataclasses.Field[Any]) -> str:

@@ -55,3 +55,21 @@ class ModelLoadError(Exception):
             f"cannot load model {model!r}: {reason}. Without network, point --model (or MODEL_ID) "
             "at a local folder holding config.json, the weights and preprocessor_config.json"
         )
+
+
+class Internal(EmbedError):
+    """An unexpected failure on one image's path; that image fails alone (the cause is logged, not sent)."""
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (a port in use, say); ends the start with this message."""
+
+
+def detached(exc: EmbedError) -> EmbedError:
+    """The same error with no traceback and no chained cause.
+
+    An exception raised while decoding keeps, through its traceback and its
+    `__context__`, the frames that held the image's pixels; a refused image
+    must free them at once, so results carry this copy (a type and a message).
+    """
+    return type(exc)(str(exc))

@@ -1,7 +1,9 @@
 """The gRPC transport: `dinov2.v1.Embed` over the shared `EmbedService`.
 
 Thin on purpose: protobuf in, `EmbedService.embed`, protobuf out. Engine
-errors become gRPC codes here and nowhere else (`STATUS_OF`).
+errors become gRPC codes here and nowhere else (`STATUS_OF`). Requests are
+parsed here too (`add_to_server`), so that a malformed body is answered
+INVALID_ARGUMENT with one warning rather than gRPC's UNKNOWN and a traceback.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 from server import errors
@@ -28,7 +32,12 @@ STATUS_OF: dict[type[errors.EmbedError], grpc.StatusCode] = {
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.InferenceFailed: grpc.StatusCode.INTERNAL,
+    errors.Internal: grpc.StatusCode.INTERNAL,
 }
+
+SERVICE_NAME = embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name
+_ERROR_BYTES = 512  # room for one image's error in a response
+_PER_ITEM_BYTES = 24  # tags and lengths of one Embedding
 
 _POOLING = {
     embed_pb2.POOLING_UNSPECIFIED: Pooling.CLS,
@@ -52,6 +61,66 @@ def _options(request: embed_pb2.EmbedRequest) -> EmbedOptions:
     if pooling is None:
         raise errors.InvalidRequest(f"unknown pooling {request.pooling}")
     return EmbedOptions(pooling=pooling, normalize=request.normalize)
+
+
+class MalformedRequest:
+    """What a request body that does not parse becomes; the RPC answers INVALID_ARGUMENT."""
+
+    def __init__(self, reason: str) -> None:
+        self.message = f"request body is not a valid message of this RPC: {reason}"
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc)[:200] or "cannot be parsed")
+
+    return deserialize
+
+
+def add_to_server(servicer: EmbedServicer, server: grpc.aio.Server) -> None:
+    """Registers `dinov2.v1.Embed` (as the generated code would, with lenient request parsing)."""
+    request, response, info = embed_pb2.EmbedRequest, embed_pb2.EmbedResponse, embed_pb2.InfoResponse
+    handlers = {
+        "Embed": grpc.unary_unary_rpc_method_handler(
+            servicer.Embed, _lenient(request.FromString), response.SerializeToString
+        ),
+        "EmbedStream": grpc.stream_stream_rpc_method_handler(
+            servicer.EmbedStream, _lenient(request.FromString), response.SerializeToString
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, _lenient(embed_pb2.InfoRequest.FromString), info.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class _ImageBytes(Sequence[bytes]):
+    """A request's image bytes, read one at a time when decoded (not all copied up front)."""
+
+    def __init__(self, images: Any) -> None:
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        return self._images[index].data
+
+
+def _check_response_size(request: embed_pb2.EmbedRequest, embedding_dim: int, limit: int) -> None:
+    """Refuses a request whose answer could pass the message limit (ids are echoed back)."""
+    values = 4 * embedding_dim * (2 if request.pooling == embed_pb2.POOLING_CLS_MEAN else 1)
+    per_item = _PER_ITEM_BYTES + max(values, _ERROR_BYTES)
+    size = 128 + sum(per_item + len(image.id.encode()) for image in request.images)
+    if size > limit:
+        raise errors.InvalidRequest(
+            f"the response to this request could be {size} bytes, over the message limit of {limit}: "
+            "send fewer images or shorter ids"
+        )
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -85,9 +154,15 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     async def _embed(self, request: embed_pb2.EmbedRequest, deadline: float | None) -> embed_pb2.EmbedResponse:
         started = time.monotonic()
         try:
-            results = await self._service.embed([image.data for image in request.images], _options(request), deadline)
+            if isinstance(request, MalformedRequest):
+                raise errors.InvalidRequest(request.message)
+            _check_response_size(request, self._service.info.embedding_dim, self._service.settings.max_request_bytes)
+            results = await self._service.embed(
+                _ImageBytes(request.images), _options(request), deadline, nbytes=request.ByteSize()
+            )
         except errors.EmbedError as exc:
-            log.info("request refused: %s: %s", status_of(exc).name, exc)
+            level = logging.WARNING if isinstance(request, MalformedRequest) else logging.INFO
+            log.log(level, "request refused: %s: %s", status_of(exc).name, exc)
             raise
         for index, result in enumerate(results):
             if result.error is not None:
@@ -146,5 +221,9 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     async def Info(
         self, request: embed_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> embed_pb2.InfoResponse:
+        if isinstance(request, MalformedRequest):
+            log.warning("request refused: INVALID_ARGUMENT: %s", request.message)
+            self._metrics.requests.labels("Info", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         self._metrics.requests.labels("Info", "OK").inc()
         return embed_pb2.InfoResponse(**vars(self._service.info))

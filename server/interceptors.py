@@ -21,8 +21,17 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 _REQUEST_ID_KEY = "x-request-id"
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[HandlerFn, bool], HandlerFn]) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour function replaced by wrap(behaviour, streams_out)."""
+def _ignore_body(raw: bytes) -> None:
+    return None
+
+
+def _rewrap(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[HandlerFn, bool], HandlerFn], parse: bool = True
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour function replaced by wrap(behaviour, streams_out).
+
+    With `parse=False` request bodies are not parsed at all (a refused call costs no parsing).
+    """
     kinds = {
         (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
         (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -32,7 +41,7 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[HandlerFn, bool], Ha
     attribute, make = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(
         wrap(getattr(handler, attribute), handler.response_streaming),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=handler.request_deserializer if parse else _ignore_body,
         response_serializer=handler.response_serializer,
     )
 
@@ -105,4 +114,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
             return refuse
 
-        return _rewrap(handler, wrap)
+        return _rewrap(handler, wrap, parse=False)

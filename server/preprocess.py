@@ -15,7 +15,10 @@ are compared in tests/test_parity.py.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,28 +80,96 @@ def normalization_of(processor: object) -> Normalization:
     return Normalization(int(size["height"]), rescale, mean, std)  # type: ignore[arg-type]
 
 
-def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Opens and fully decodes an image, refusing what is not one or is too large.
+class PixelBudget:
+    """Full-size pixels being decoded at once, over all decode workers; `hold` waits for room.
 
-    The pixel limit is checked from the header, before any pixel is decoded,
-    so a small file that claims a huge image costs nothing.
+    A decoded image lives only while it is converted and resized, but at full
+    size (4 bytes a pixel for RGB): this bound, not the number of workers,
+    caps what decoding can take. An image larger than the whole budget holds
+    all of it, so it waits for an empty pool rather than forever.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        self.capacity = pixels
+        self.held = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self.held + pixels <= self.capacity)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= pixels
+                self._cond.notify_all()
+
+
+_guarded_pixels = 0
+_guard_lock = threading.Lock()
+
+
+def guard_pillow(max_pixels: int) -> None:
+    """Keeps Pillow's own decompression-bomb guard as a second line at our limit.
+
+    Pillow checks every image it opens, also one nested in a container (the
+    PNG inside an ICO, whose directory may claim another size), against the
+    process-wide `Image.MAX_IMAGE_PIXELS`, and warns above it. It is raised
+    to the largest limit configured in this process (so `--max-image-pixels`
+    above Pillow's default works) and its warning becomes an error.
+    """
+    global _guarded_pixels
+    if max_pixels <= _guarded_pixels:
+        return
+    with _guard_lock:
+        if max_pixels > _guarded_pixels:
+            warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            _guarded_pixels = max_pixels
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Reads an image's header, refusing what is not an image or is too large; no pixel is decoded yet.
+
+    The pixel limit is checked here, from the header, so a small file that
+    claims a huge image costs nothing.
     """
     if not data:
         raise InvalidImage("empty image: no bytes")
     if len(data) > limits.max_bytes:
         raise InvalidImage(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    guard_pillow(limits.max_pixels)
+    with _decoding_errors(data, limits):
+        img = Image.open(io.BytesIO(data))
+        _check_size(img, limits)
+    return img
+
+
+def load_image(img: Image.Image, data: bytes, limits: ImageLimits) -> None:
+    """Decodes the pixels of an opened image; checks the size again (a container's frame can differ)."""
+    with _decoding_errors(data, limits):
+        img.load()
+        _check_size(img, limits)
+
+
+def _check_size(img: Image.Image, limits: ImageLimits) -> None:
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has zero size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InvalidImage(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
+        )
+
+
+@contextmanager
+def _decoding_errors(data: bytes, limits: ImageLimits) -> Iterator[None]:
+    """Turns whatever Pillow raises on bad input into an `InvalidImage` that names the problem."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise InvalidImage(f"image has zero size ({width}x{height})")
-            if width * height > limits.max_pixels:
-                raise InvalidImage(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
-                )
-            img.load()
+        yield
     except InvalidImage:
         raise
     except UnidentifiedImageError:
@@ -106,12 +177,11 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
             raise InvalidImage(f"corrupt or truncated {kind} image: its header cannot be read") from None
         raise InvalidImage("not a decodable image (unknown or unsupported format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidImage(f"image is over the limit of {limits.max_pixels} pixels") from None
+        raise InvalidImage(f"image (or a frame inside it) is over the limit of {limits.max_pixels} pixels") from None
     except MemoryError:
         raise InvalidImage("image too large to decode") from None
     except Exception as exc:
         raise InvalidImage(f"corrupt or truncated {img_format(data)} image: {_short(exc)}") from None
-    return img
 
 
 def to_gray(img: Image.Image) -> Image.Image:
@@ -122,10 +192,21 @@ def to_gray(img: Image.Image) -> Image.Image:
         raise InvalidImage(f"cannot convert image of mode {img.mode} to grayscale: {_short(exc)}") from None
 
 
-def decode(data: bytes, limits: ImageLimits, image_size: int) -> np.ndarray:
-    """Encoded bytes -> resized grayscale uint8 array [image_size, image_size]."""
-    gray = to_gray(open_image(data, limits))
-    resized = gray.resize((image_size, image_size), RESAMPLE)
+_UNBOUNDED = PixelBudget(2**62)
+
+
+def decode(data: bytes, limits: ImageLimits, image_size: int, budget: PixelBudget | None = None) -> np.ndarray:
+    """Encoded bytes -> resized grayscale uint8 array [image_size, image_size].
+
+    The full-size pixels count against `budget` from before they are decoded
+    until the resized copy is made.
+    """
+    img = open_image(data, limits)
+    with (budget or _UNBOUNDED).hold(img.width * img.height):
+        load_image(img, data, limits)
+        gray = to_gray(img)
+        del img
+        resized = gray.resize((image_size, image_size), RESAMPLE)
     return np.asarray(resized, dtype=np.uint8)
 
 

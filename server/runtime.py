@@ -24,7 +24,7 @@ import ctypes.util
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
 _tuned = False
 
 
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
 def tune_malloc() -> bool:
     """Keeps freed blocks below 32 MB in the heap (glibc only; elsewhere a no-op). True when applied.
 
@@ -47,18 +55,28 @@ def tune_malloc() -> bool:
     global _tuned
     if _tuned:
         return True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = None
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _tuned = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     log.debug("malloc tuned: %s", _tuned)
     return _tuned
+
+
+def release_memory() -> bool:
+    """Returns the heap's free pages to the kernel (glibc `malloc_trim`); True when some were.
+
+    `tune_malloc` keeps freed blocks for the next forward pass; after a spike
+    of load that would keep the spike's peak for good, so the service calls
+    this once it has been idle for a moment.
+    """
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))
 
 
 class ComputeThread:
@@ -72,6 +90,10 @@ class ComputeThread:
         if threading.get_ident() == self._ident:
             return fn(*args)
         return self._executor.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Queues `fn(*args)` on the compute thread without waiting (the batcher awaits the future)."""
+        return self._executor.submit(fn, *args)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)

@@ -1,9 +1,11 @@
 """The service API shared by every transport: validate, decode, submit, pool.
 
 The gRPC servicer and the RunPod handler both call `EmbedService.embed`. It
-checks the request, admits it against the bound on images in flight, decodes
-each image on a worker pool (so one bad image fails alone, before batching),
-hands the pixels to the batcher and pools the model output per image.
+checks the request, admits it against the bounds on images and bytes in
+flight, decodes its images on the shared decode pool (so one bad image fails
+alone, before batching), hands the pixels to the batcher chunk by chunk and
+pools the model output per image. A request is one `_Request` object that
+both the decode pool and the batcher report to, and one future its caller awaits.
 """
 
 from __future__ import annotations
@@ -12,19 +14,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
-from server.admission import Admission
-from server.batcher import Batcher
+from server.admission import Admission, Cost
+from server.batcher import Batcher, ItemOutput
 from server.config import Settings
-from server.errors import EmbedError, InvalidRequest, Unavailable
+from server.decoding import Decoded, DecodeJob, DecodePool
+from server.errors import EmbedError, Internal, InvalidRequest, Unavailable
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
-from server.preprocess import ImageLimits, decode
+from server.preprocess import ImageLimits, PixelBudget, decode
+from server.runtime import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,68 @@ def _package_version() -> str:
         return "unknown"
 
 
+class _Request:
+    """One call's images between decoding, the batcher and the answer; a sink for both."""
+
+    def __init__(self, count: int, options: EmbedOptions, deadline: float | None, service: EmbedService) -> None:
+        self.options = options
+        self.deadline = deadline
+        self.results: list[ImageResult | None] = [None] * count
+        self.preprocess_s = [0.0] * count
+        self.unsettled = count
+        self.queued = 0  # images handed to the batcher (it counts its own drops)
+        self.answered_early = 0  # images answered before the batcher (refused by decoding, say)
+        self.started = time.monotonic()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._service = service
+
+    def decoded(self, start: int, chunk: list[Decoded]) -> None:
+        """A chunk back from the decode pool: errors are answers, pixels go to the batcher."""
+        if self.done.done():
+            return
+        elapsed = time.monotonic() - self.started
+        pixels = []
+        for index, item in enumerate(chunk, start):
+            self.preprocess_s[index] = elapsed
+            if isinstance(item, EmbedError):
+                self.answered_early += 1
+                self.settle(index, item)
+            else:
+                pixels.append((index, item))
+        self._service.metrics.preprocess_seconds.observe(elapsed)
+        if not pixels:
+            return
+        try:
+            self.queued += self._service.batcher.put(pixels, self, self.deadline)
+        except EmbedError as exc:
+            self.answered_early += len(pixels)
+            for index, _ in pixels:
+                self.settle(index, exc)
+
+    def wanted(self) -> bool:
+        return not self.done.done()
+
+    def settle(self, index: int, result: ItemOutput | EmbedError) -> None:
+        if self.results[index] is not None or self.done.done():
+            return
+        if isinstance(result, EmbedError):
+            answer = ImageResult(error=result, preprocess_s=self.preprocess_s[index])
+        else:
+            answer = self._pooled(index, result)
+        self.results[index] = answer
+        self.unsettled -= 1
+        if self.unsettled == 0:
+            self.done.set_result(None)
+
+    def _pooled(self, index: int, out: ItemOutput) -> ImageResult:
+        try:
+            embedding = pool(out.cls, out.mean, self.options.pooling, self.options.normalize)
+        except Exception:
+            log.exception("pooling failed on image %d", index)
+            return ImageResult(error=Internal("internal error while pooling this image's embedding"))
+        return ImageResult(embedding, None, self.preprocess_s[index], out.queue_s, out.inference_s)
+
+
 class EmbedService:
     """One loaded model behind a dynamic batcher, shared by every caller."""
 
@@ -77,20 +143,24 @@ class EmbedService:
         self.settings = settings
         self.runner = runner
         self.metrics = metrics or Metrics()
-        self._limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-        self._decode_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="decode")
-        self._batcher = Batcher(
+        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        budget = PixelBudget(settings.max_decode_pixels)
+        self._decoder = DecodePool(partial(decode, limits=limits, image_size=runner.image_size, budget=budget),
+                                   settings.decode_workers)  # fmt: skip
+        self.batcher = Batcher(
             runner.embed,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             metrics=self.metrics,
+            compute=runner.compute,
+            forward_timeout_s=settings.forward_timeout_s,
             probe=runner.warmup,
             probe_interval_s=settings.probe_interval_s,
             on_health=self._set_healthy,
-            more_coming=lambda: self._decoding > 0,
+            more_coming=lambda: self._decoder.pending > 0,
         )
-        self._decoding = 0
-        self._admission = Admission(settings.max_queue_images)
+        self._admission = Admission(settings.max_queue_images, settings.max_inflight_bytes)
+        self._trim: asyncio.TimerHandle | None = None
         self._ready = False
         self._healthy = True
         self._draining = False
@@ -124,12 +194,13 @@ class EmbedService:
 
     async def start(self) -> None:
         """Starts the batcher and warms the model up; only then does it serve."""
-        self._batcher.start()
-        await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.runner.warmup)
+        self.batcher.start()
+        await asyncio.wrap_future(self.runner.compute.submit(self.runner.warmup))
         self._ready = True
         self._notify()
-        log.info("engine ready: batches of up to %d, max wait %.1f ms, queue bound %d images",
-                 self.settings.max_batch_size, self.settings.max_wait_ms, self.settings.max_queue_images)  # fmt: skip
+        log.info("engine ready: batches of up to %d, max wait %.1f ms, queue bound %d images, %d decode workers",
+                 self.settings.max_batch_size, self.settings.max_wait_ms, self.settings.max_queue_images,
+                 self.settings.decode_workers)  # fmt: skip
 
     def begin_drain(self) -> None:
         """Refuses new work with `Unavailable`; work already accepted goes on."""
@@ -137,65 +208,80 @@ class EmbedService:
         self._notify()
 
     async def close(self) -> None:
-        await self._batcher.close()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        await self.batcher.close()
+        self._decoder.close()
+        if self._trim is not None:
+            self._trim.cancel()
 
     async def embed(
-        self, images: Sequence[bytes], options: EmbedOptions, deadline: float | None = None, wait: bool = False
+        self,
+        images: Sequence[bytes],
+        options: EmbedOptions,
+        deadline: float | None = None,
+        wait: bool = False,
+        nbytes: int | None = None,
     ) -> list[ImageResult]:
         """Embeds the images of one request, in order; per-image failures are in the results.
 
         Raises a request-level `EmbedError` when the request cannot be taken
-        at all: malformed, the engine draining, or over the queue bound (unless
-        `wait`, which queues for capacity instead). `deadline` is a
-        `time.monotonic()` instant.
+        at all: malformed, the engine draining or stuck, or over the bounds on
+        work in flight (unless `wait`, which queues for capacity instead).
+        `deadline` is a `time.monotonic()` instant; `nbytes`, the request's
+        encoded size when the caller knows it without reading every image.
         """
         if self._draining or not self._ready:
             raise Unavailable("server is draining" if self._draining else "server is not ready yet")
+        self.batcher.accepting()
         if not images:
             raise InvalidRequest("request has no images")
         limit = self.settings.max_images_per_request
         if len(images) > limit:
             raise InvalidRequest(f"request has {len(images)} images, over the limit of {limit} per request")
+        cost = Cost(len(images), nbytes if nbytes is not None else sum(len(data) for data in images))
         if wait:
-            await self._admission.acquire(len(images))
+            await self._admission.acquire(cost)
         else:
-            self._admission.try_acquire(len(images))
-        self.metrics.in_flight.set(self._admission.in_flight)
-        queued = [0]  # images handed to the batcher; it counts its own drops
+            self._admission.try_acquire(cost)
+        self._in_flight_changed()
+        request = _Request(len(images), options, deadline, self)
+        job: DecodeJob | None = None
         try:
-            results = await asyncio.gather(*(self._embed_one(data, options, deadline, queued) for data in images))
+            job = self._decoder.submit(images, request.decoded)
+            await request.done
         except asyncio.CancelledError:
-            self.metrics.dropped.labels("cancelled").inc(len(images) - queued[0])  # left before the queue
+            self._count_dropped(request, job)
             raise
         finally:
-            self._admission.release(len(images))
-            self.metrics.in_flight.set(self._admission.in_flight)
+            self._admission.release(cost)
+            self._in_flight_changed()
+        results: list[ImageResult] = request.results  # type: ignore[assignment]
         for result in results:
             self.metrics.images.labels(type(result.error).__name__ if result.error else "ok").inc()
-        return list(results)
+        return results
 
-    async def _embed_one(
-        self, data: bytes, options: EmbedOptions, deadline: float | None, queued: list[int]
-    ) -> ImageResult:
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        self._decoding += 1
-        try:
-            pixels = await loop.run_in_executor(self._decode_pool, decode, data, self._limits, self.runner.image_size)
-        except EmbedError as exc:
-            return ImageResult(error=exc, preprocess_s=time.monotonic() - started)
-        finally:
-            self._decoding -= 1
-        preprocess_s = time.monotonic() - started
-        self.metrics.preprocess_seconds.observe(preprocess_s)
-        queued[0] += 1
-        try:
-            out = await self._batcher.submit(pixels, deadline)
-        except EmbedError as exc:
-            return ImageResult(error=exc, preprocess_s=preprocess_s)
-        embedding = pool(out.cls, out.mean, options.pooling, options.normalize)
-        return ImageResult(embedding, None, preprocess_s, out.queue_s, out.inference_s)
+    def _count_dropped(self, request: _Request, job: DecodeJob | None) -> None:
+        """A cancelled call: its images that never reached the batcher are dropped here."""
+        if job is not None:
+            self._decoder.cancel(job)
+        never_queued = len(request.results) - request.queued - request.answered_early
+        expired = request.deadline is not None and time.monotonic() >= request.deadline
+        if never_queued > 0:
+            self.metrics.dropped.labels("deadline" if expired else "cancelled").inc(never_queued)
+        request.done.cancel()
+
+    def _in_flight_changed(self) -> None:
+        """Updates the gauge; once nothing is in flight for `idle_trim_s`, gives freed memory back."""
+        self.metrics.in_flight.set(self._admission.images)
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
+        if self._admission.images == 0:
+            self._trim = asyncio.get_running_loop().call_later(self.settings.idle_trim_s, self._trim_memory)
+
+    def _trim_memory(self) -> None:
+        self._trim = None
+        if self._admission.images == 0:
+            asyncio.get_running_loop().run_in_executor(None, release_memory)
 
     def _set_healthy(self, healthy: bool) -> None:
         if healthy != self._healthy:
