@@ -46,6 +46,8 @@ class Settings:
         200_000_000, "Full-size pixels being decoded at once over all workers; beyond it an image waits its turn."
     )
     max_concurrent_rpcs: int = _opt(512, "Calls handled at once; beyond it gRPC answers RESOURCE_EXHAUSTED.")
+    max_receiving_requests: int = _opt(4, "Embed bodies read at once; other callers' bodies wait, unread.")
+    receive_timeout_s: float = _opt(30.0, "Longest an Embed body may take to arrive once its read began.")
     preprocess_workers: int = _opt(0, "Threads that decode and resize images (0 = one per CPU this process may use).")
     stream_window: int = _opt(16, "Requests of one EmbedStream processed at once.")
     grace_s: float = _opt(30.0, "On SIGTERM, how long in-flight work may take to finish.")
@@ -66,7 +68,7 @@ class Settings:
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
                     "max_image_pixels", "max_request_bytes", "max_inflight_bytes", "max_decode_pixels",
-                    "max_concurrent_rpcs", "stream_window", "runpod_concurrency")  # fmt: skip
+                    "max_concurrent_rpcs", "max_receiving_requests", "stream_window", "runpod_concurrency")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -74,8 +76,8 @@ class Settings:
             raise ValueError(f"preprocess_workers must not be negative, not {self.preprocess_workers}")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.probe_interval_s <= 0:
             raise ValueError("max_wait_ms and grace_s must not be negative, probe_interval_s must be positive")
-        if self.forward_timeout_s <= 0 or self.idle_trim_s < 0:
-            raise ValueError("forward_timeout_s must be positive and idle_trim_s not negative")
+        if self.forward_timeout_s <= 0 or self.receive_timeout_s <= 0 or self.idle_trim_s < 0:
+            raise ValueError("forward_timeout_s and receive_timeout_s must be positive, idle_trim_s not negative")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be from 0 to 65535 (0 picks a free one), not {self.port}")
         if not -1 <= self.metrics_port <= 65535:

@@ -84,7 +84,8 @@ def add_to_server(servicer: EmbedServicer, server: grpc.aio.Server) -> None:
     """Registers `dinov2.v1.Embed` (as the generated code would, with lenient request parsing)."""
     request, response, info = embed_pb2.EmbedRequest, embed_pb2.EmbedResponse, embed_pb2.InfoResponse
     handlers = {
-        "Embed": grpc.unary_unary_rpc_method_handler(
+        # Unary on the wire, read by the servicer itself (see EmbedServicer.Embed).
+        "Embed": grpc.stream_unary_rpc_method_handler(
             servicer.Embed, _lenient(request.FromString), response.SerializeToString
         ),
         "EmbedStream": grpc.stream_stream_rpc_method_handler(
@@ -150,6 +151,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     def __init__(self, service: EmbedService) -> None:
         self._service = service
         self._metrics = service.metrics
+        self._receiving = asyncio.Semaphore(service.settings.max_receiving_requests)
 
     async def _embed(self, request: embed_pb2.EmbedRequest, deadline: float | None) -> embed_pb2.EmbedResponse:
         started = time.monotonic()
@@ -172,15 +174,38 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         return response
 
     async def Embed(
-        self, request: embed_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[embed_pb2.EmbedRequest], context: grpc.aio.ServicerContext
     ) -> embed_pb2.EmbedResponse:
+        """A unary call whose body is read only once a receive slot is free.
+
+        gRPC reads a unary body before calling a unary handler, so N callers
+        would cost N bodies at once. Registered as stream-unary, a waiting
+        caller's body stays in its HTTP/2 flow-control window (BDP probing is
+        off, server/app.py) until `max_receiving_requests` allows the read.
+        """
         try:
-            response = await self._embed(request, _deadline(context))
+            response = await self._embed(await self._receive(requests), _deadline(context))
         except errors.EmbedError as exc:
-            self._metrics.requests.labels("Embed", status_of(exc).name).inc()
-            await context.abort(status_of(exc), str(exc))
-        self._metrics.requests.labels("Embed", "OK").inc()
-        return response
+            refusal = (status_of(exc), str(exc))
+        else:
+            self._metrics.requests.labels("Embed", "OK").inc()
+            return response
+        # Aborted outside the except block: the error's traceback holds the request (and its
+        # image bytes) until collected, and AbortError would chain it.
+        self._metrics.requests.labels("Embed", refusal[0].name).inc()
+        await context.abort(*refusal)
+
+    async def _receive(self, requests: AsyncIterator[embed_pb2.EmbedRequest]) -> embed_pb2.EmbedRequest:
+        timeout = self._service.settings.receive_timeout_s
+        async with self._receiving:
+            try:
+                async with asyncio.timeout(timeout):
+                    request = await anext(requests, None)
+            except TimeoutError:
+                raise errors.InvalidRequest(f"the request body did not arrive within {timeout:g} s") from None
+        if request is None:
+            raise errors.InvalidRequest("the call ended without a request")
+        return request
 
     async def EmbedStream(
         self, request_iterator: AsyncIterator[embed_pb2.EmbedRequest], context: grpc.aio.ServicerContext

@@ -11,6 +11,7 @@ both the decode pool and the batcher report to, and one future its caller awaits
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -161,6 +162,7 @@ class EmbedService:
         )
         self._admission = Admission(settings.max_queue_images, settings.max_inflight_bytes)
         self._trim: asyncio.TimerHandle | None = None
+        self._received_since_gc = 0
         self._ready = False
         self._healthy = True
         self._draining = False
@@ -238,6 +240,8 @@ class EmbedService:
         if len(images) > limit:
             raise InvalidRequest(f"request has {len(images)} images, over the limit of {limit} per request")
         cost = Cost(len(images), nbytes if nbytes is not None else sum(len(data) for data in images))
+        self._arm_trim()  # also after a refusal: its body was received and parsed
+        self._collect_now_and_then(cost.nbytes)
         if wait:
             await self._admission.acquire(cost)
         else:
@@ -269,18 +273,36 @@ class EmbedService:
             self.metrics.dropped.labels("deadline" if expired else "cancelled").inc(never_queued)
         request.done.cancel()
 
+    def _collect_now_and_then(self, nbytes: int) -> None:
+        """A full garbage collection per `max_inflight_bytes` of requests received.
+
+        gRPC's per-call objects form reference cycles that keep the call's
+        received body alive; calls that last seconds reach the oldest
+        generation, which Python collects only rarely, so under a stream of
+        large requests memory would grow by the request size per call.
+        """
+        self._received_since_gc += nbytes
+        if self._received_since_gc >= self.settings.max_inflight_bytes:
+            self._received_since_gc = 0
+            gc.collect()
+            asyncio.get_running_loop().run_in_executor(None, release_memory)
+
     def _in_flight_changed(self) -> None:
-        """Updates the gauge; once nothing is in flight for `idle_trim_s`, gives freed memory back."""
         self.metrics.in_flight.set(self._admission.images)
+        self._arm_trim()
+
+    def _arm_trim(self) -> None:
+        """Once nothing has been in flight for `idle_trim_s`, gives freed memory back (`_trim_memory`)."""
         if self._trim is not None:
             self._trim.cancel()
-            self._trim = None
-        if self._admission.images == 0:
-            self._trim = asyncio.get_running_loop().call_later(self.settings.idle_trim_s, self._trim_memory)
+        self._trim = asyncio.get_running_loop().call_later(self.settings.idle_trim_s, self._trim_memory)
 
     def _trim_memory(self) -> None:
+        """Collects reference cycles (gRPC's calls leave some, holding request bodies), then
+        returns the heap's free pages to the kernel."""
         self._trim = None
         if self._admission.images == 0:
+            gc.collect()
             asyncio.get_running_loop().run_in_executor(None, release_memory)
 
     def _set_healthy(self, healthy: bool) -> None:
