@@ -50,6 +50,7 @@ class Settings:
     tls_key: str | None = _opt(None, "PEM private key file of --tls-cert.")
     probe_interval_s: float = _opt(2.0, "While the model fails, how often a probe forward pass is tried.")
     compile: str = _opt("off", "torch.compile the model: on or off (minutes more to start).", choices=("off", "on"))
+    hub_timeout_s: float = _opt(5.0, "How long the start waits for the Hugging Face Hub to answer before giving up.")
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
@@ -62,6 +63,8 @@ class Settings:
             raise ValueError("max_wait_ms and grace_s must not be negative, probe_interval_s must be positive")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.hub_timeout_s <= 0:
+            raise ValueError(f"hub_timeout_s must be positive, not {self.hub_timeout_s}")
 
     @property
     def address(self) -> str:
