@@ -15,6 +15,8 @@ a look-alike (ViT, say) would pool a different CLS token.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +42,12 @@ class ModelSource:
         return {"revision": self.revision, "local_files_only": self.local_files_only}
 
 
+@functools.lru_cache(maxsize=8)
 def locate(model: str, revision: str | None, timeout_s: float) -> ModelSource:
-    """Resolves `model` to a local folder, the Hub cache or the Hub; one clear ModelLoadError otherwise."""
+    """Resolves `model` to a local folder, the Hub cache or the Hub; one clear ModelLoadError otherwise.
+
+    Remembered per process, so the start's early check and the load probe the Hub once.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         return ModelSource(str(path), revision)
@@ -72,20 +78,33 @@ def locate(model: str, revision: str | None, timeout_s: float) -> ModelSource:
 
 
 def check_supported(source: ModelSource) -> None:
-    """Refuses, with one line, a model whose config.json is not a DINOv2's."""
-    from transformers import PretrainedConfig
+    """Refuses, with one line, a model whose config.json is not a DINOv2's.
 
+    It reads config.json itself (from the folder, or through the Hub cache):
+    transformers' config classes would import torch, seconds before the answer.
+    """
     try:
-        config, _ = PretrainedConfig.get_config_dict(source.model, **source.kwargs())
-    except OSError as exc:
+        config = json.loads(_config_file(source).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise ModelLoadError.cannot_load(source.model, exc) from None
-    model_type = config.get("model_type")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"cannot serve model {source.model!r}: its model_type is {model_type!r}; this server runs DINOv2 only "
             f"(model_type {' or '.join(SUPPORTED_MODEL_TYPES)}, e.g. facebook/dinov2-small, "
             "facebook/dinov2-with-registers-small)"
         )
+
+
+def _config_file(source: ModelSource) -> Path:
+    folder = Path(source.model)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError("the folder has no config.json")
+        return folder / "config.json"
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(source.model, "config.json", **source.kwargs()))
 
 
 def _in_cache(model: str, revision: str | None) -> bool:
