@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.connection import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOptions, RetryPolicy
+from client.connection import DEFAULT_MAX_MESSAGE_BYTES, ITEM_RETRY_CODES, ConnectionOptions, Retrying, RetryPolicy
 from client.errors import EmbedItemsError, EmbedRequestError, ItemError, ItemResult
 from client.images import Item, encode_many, take
 from client.streams import Lane, Lanes, StreamBroken
@@ -125,7 +125,8 @@ class AsyncEmbedClient:
                 code, message = exc.code().value[0], exc.details() or exc.code().name
                 if not retry.should_retry(code, message, attempt, time.monotonic() - started):
                     raise EmbedRequestError(code, message, (), attempt + 1) from None
-            await asyncio.sleep(retry.backoff(attempt))
+                pause = retry.pause(code, message, attempt, started)
+            await asyncio.sleep(pause)
             attempt += 1
 
     async def embed(
@@ -143,6 +144,7 @@ class AsyncEmbedClient:
 
         Raises `EmbedItemsError` if any image failed (it names them and holds
         the other rows), `EmbedRequestError` if a request failed after retries.
+        No images give a [0, D] array, D from the server's `Info`.
         """
         if ids is not None:
             if isinstance(images, AsyncIterable):
@@ -153,6 +155,10 @@ class AsyncEmbedClient:
             images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout
         ):
             results.extend(batch)
+        if not results:
+            info = await self.info(timeout=timeout)
+            wide = pooling_value(pooling) == embed_pb2.POOLING_CLS_MEAN
+            return np.empty((0, info.embedding_dim * (2 if wide else 1)), dtype=np.float32)
         return stack(results)
 
     async def embed_iter(
@@ -259,20 +265,22 @@ class AsyncEmbedClient:
     async def _run(
         self, lanes: Lanes, items: list[Item], template: embed_pb2.EmbedRequest, timeout: float | None
     ) -> list[ItemResult]:
-        """One request: send the items that have bytes, merge the answers with client-side failures."""
-        sendable = [item for item in items if item.error is None]
+        """One request: send the items that have bytes, merge the answers with client-side failures.
+
+        Images whose batch's forward pass failed (INTERNAL) are sent again,
+        up to `item_retries` times, after the policy's backoff.
+        """
+        retry = self.connection.retry
         answers: dict[int, embed_pb2.Embedding] = {}
-        if sendable:
-            request = embed_pb2.EmbedRequest()
-            request.CopyFrom(template)
-            request.images.extend(embed_pb2.Image(data=item.data, id=item.id) for item in sendable)
-            response = await self._send(lanes, request, tuple(item.id for item in sendable), timeout)
-            if len(response.embeddings) != len(sendable):
-                raise EmbedRequestError(
-                    _INTERNAL, f"server answered {len(response.embeddings)} embeddings for {len(sendable)} images",
-                    tuple(item.id for item in sendable),
-                )  # fmt: skip
-            answers = {item.index: answer for item, answer in zip(sendable, response.embeddings, strict=True)}
+        sendable = [item for item in items if item.error is None]
+        for attempt in range(1 + retry.item_retries):
+            if attempt:
+                await asyncio.sleep(retry.backoff(attempt - 1))
+            if sendable:
+                answers.update(await self._answers(lanes, sendable, template, timeout))
+            sendable = [item for item in sendable if _retryable(answers[item.index])]
+            if not sendable:
+                break
         results = []
         for item in items:
             answer = answers.get(item.index)
@@ -285,6 +293,20 @@ class AsyncEmbedClient:
             else:
                 results.append(ItemResult(item.index, item.id, embedding=np.asarray(answer.values, dtype=np.float32)))
         return results
+
+    async def _answers(
+        self, lanes: Lanes, items: list[Item], template: embed_pb2.EmbedRequest, timeout: float | None
+    ) -> dict[int, embed_pb2.Embedding]:
+        """Sends `items` as one request; the server's answer for each, by input index."""
+        request = embed_pb2.EmbedRequest()
+        request.CopyFrom(template)
+        request.images.extend(embed_pb2.Image(data=item.data, id=item.id) for item in items)
+        ids = tuple(item.id for item in items)
+        response = await self._send(lanes, request, ids, timeout)
+        if len(response.embeddings) != len(items):
+            message = f"server answered {len(response.embeddings)} embeddings for {len(items)} images"
+            raise EmbedRequestError(_INTERNAL, message, ids)
+        return {item.index: answer for item, answer in zip(items, response.embeddings, strict=True)}
 
     async def _send(
         self, lanes: Lanes, request: embed_pb2.EmbedRequest, ids: tuple[str, ...], timeout: float | None
@@ -323,8 +345,14 @@ class AsyncEmbedClient:
             pause = retry.backoff(attempt)
             if not per_try and deadline is not None and time.monotonic() + pause >= deadline:
                 raise EmbedRequestError(code, f"{message} (timeout leaves no time to retry)", ids, attempt + 1)
+            if retry.on_retry is not None:
+                retry.on_retry(Retrying(code, message, attempt, time.monotonic() - started, pause, retry.retry_for_s))
             await asyncio.sleep(pause)
             attempt += 1
+
+
+def _retryable(answer: embed_pb2.Embedding) -> bool:
+    return answer.HasField("error") and answer.error.code in ITEM_RETRY_CODES
 
 
 def _take_and_encode(iterator: Iterator[Any], count: int, start: int) -> list[Item]:

@@ -7,12 +7,12 @@ a bounded number of requests in flight and retries for refused requests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from client.async_client import POOLINGS
-from client.connection import RetryPolicy
+from client.connection import Retrying, RetryPolicy
 from client.errors import ItemResult
 from client.manifest import Identity
 from client.runpod_client import DEFAULT_BASE_URL, RunPodClient
@@ -45,10 +45,11 @@ class GrpcBackend:
         api_key: str | None = None,
         tls: bool = False,
         tls_ca: Path | None = None,
+        on_retry: Callable[[Retrying], None] | None = None,
     ) -> None:
         self.client = EmbedClient(
             targets, timeout=timeout, batch_size=batch_size, window=window, tls=tls, tls_ca=tls_ca,
-            api_key=api_key, retry=RetryPolicy(retry_for_s=retry_for_s),
+            api_key=api_key, retry=RetryPolicy(retry_for_s=retry_for_s, on_retry=on_retry),
         )  # fmt: skip
 
     def identity(self, pooling: str, normalize: bool) -> Identity:
@@ -83,11 +84,12 @@ class RunPodBackend:
         window: int,
         timeout: float,
         retry_for_s: float,
+        on_retry: Callable[[Retrying], None] | None = None,
     ) -> None:
         self.where = f"runpod:{endpoint_id}" if endpoint_id else f"runpod:{base_url}"
         self.client = RunPodClient(
             endpoint_id, api_key, base_url=base_url, timeout=timeout, batch_size=batch_size, window=window,
-            retry=RetryPolicy(retry_for_s=retry_for_s),
+            retry=RetryPolicy(retry_for_s=retry_for_s, on_retry=on_retry),
         )  # fmt: skip
 
     def identity(self, pooling: str, normalize: bool) -> Identity:

@@ -23,17 +23,21 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from client import manifest as manifests
 from client.async_client import POOLINGS
 from client.backends import Backend, GrpcBackend, RunPodBackend
+from client.connection import RetryPolicy
 from client.errors import EmbedClientError
 from client.job import EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, Job, JobOptions
 from client.manifest import ManifestMismatch
 from client.output import SUFFIXES
+from client.progress import Waiting
 from client.runpod_client import DEFAULT_BASE_URL
 from client.shards import parts_folder
 from client.sources import InputError, Inputs
@@ -105,16 +109,25 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None, stder
     args = _parser().parse_args(argv)
     try:
         if args.command == "info":
-            return _info(args, stdout)
+            return _info(args, stdout, stderr)
         options = _options(args, stderr)
-        backend = _backend_factory(args)
+        waiting = Waiting(stderr, _where(args), args.log_every)
+        backend = _backend_factory(args, waiting)
     except (InputError, ManifestMismatch, ValueError) as exc:
         print(f"error: {exc}", file=stderr)
         return EXIT_USAGE
     except EmbedClientError as exc:
         print(f"error: {exc}", file=stderr)
         return EXIT_JOB_FAILED
-    return Job(options, backend, stdout, stderr).run()
+    return Job(options, backend, stdout, stderr, waiting).run()
+
+
+def _where(args: argparse.Namespace) -> str:
+    """What the job waits for when requests are refused, for its messages."""
+    endpoint, base_url = getattr(args, "runpod_endpoint", None), getattr(args, "base_url", None)
+    if args.command == "runpod" or endpoint or base_url:
+        return f"RunPod endpoint {endpoint}" if endpoint else f"RunPod API {base_url}"
+    return "server " + ", ".join(args.server or ["localhost:50051"])
 
 
 def _options(args: argparse.Namespace, stderr: IO[str]) -> JobOptions:
@@ -155,7 +168,7 @@ def _options(args: argparse.Namespace, stderr: IO[str]) -> JobOptions:
     )  # fmt: skip
 
 
-def _backend_factory(args: argparse.Namespace) -> Callable[[], Backend]:
+def _backend_factory(args: argparse.Namespace, waiting: Waiting) -> Callable[[], Backend]:
     """A function making the backend the arguments name (made once the job's checks have passed)."""
     if args.command == "runpod" or args.runpod_endpoint or args.base_url:
         base_url = args.base_url or DEFAULT_BASE_URL
@@ -168,7 +181,7 @@ def _backend_factory(args: argparse.Namespace) -> Callable[[], Backend]:
             return RunPodBackend(
                 args.runpod_endpoint, args.api_key or os.environ.get("RUNPOD_API_KEY"), base_url=base_url,
                 batch_size=args.batch_size or 16, window=args.window or 4, timeout=args.timeout or 120.0,
-                retry_for_s=args.retry_for,
+                retry_for_s=args.retry_for, on_retry=waiting,
             )  # fmt: skip
 
         return runpod
@@ -177,21 +190,31 @@ def _backend_factory(args: argparse.Namespace) -> Callable[[], Backend]:
         return GrpcBackend(
             args.server or ["localhost:50051"], batch_size=args.batch_size or 32, window=args.window or 8,
             timeout=args.timeout or 60.0, retry_for_s=args.retry_for, tls=args.tls, tls_ca=args.tls_ca,
-            api_key=args.api_key or os.environ.get("DINOV2_API_KEY"),
+            api_key=args.api_key or os.environ.get("DINOV2_API_KEY"), on_retry=waiting,
         )  # fmt: skip
 
     return grpc
 
 
-def _info(args: argparse.Namespace, stdout: IO[str]) -> int:
+def _info(args: argparse.Namespace, stdout: IO[str], stderr: IO[str]) -> int:
     client = EmbedClient(
         args.server or ["localhost:50051"], timeout=args.timeout or 60.0, tls=args.tls, tls_ca=args.tls_ca,
         api_key=args.api_key or os.environ.get("DINOV2_API_KEY"),
+        retry=RetryPolicy(on_retry=Waiting(stderr, _where(args))),
     )  # fmt: skip
     with client:
         info = client.info()
-    fields = json_format.MessageToDict(
-        info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    print(json.dumps(fields, indent=2), file=stdout)
+    print(json.dumps(_as_dict(info), indent=2), file=stdout)
     return EXIT_OK
+
+
+def _as_dict(message: Message) -> dict[str, Any]:
+    """A message's fields as JSON values, 64-bit integers as numbers (proto3's JSON mapping makes them strings)."""
+    fields = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    wide = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+    for field in message.DESCRIPTOR.fields:
+        if field.cpp_type in wide and field.name in fields and not isinstance(fields[field.name], list):
+            fields[field.name] = int(fields[field.name])
+    return fields

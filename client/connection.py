@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,18 +23,40 @@ DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]})
 """Whole requests refused with these codes are tried again: the server is away, draining or full."""
 
+ITEM_RETRY_CODES = frozenset({grpc.StatusCode.INTERNAL.value[0]})
+"""An image that failed with these codes is sent again (`RetryPolicy.item_retries` times): the forward
+pass of its batch failed, which says nothing about the image. Every other per-image error is final."""
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """A refused request about to be tried again, as told to `RetryPolicy.on_retry`."""
+
+    code: int
+    message: str
+    attempt: int  # the try that was refused, from 0
+    waited_s: float  # since the request's first try
+    pause_s: float  # before the next try
+    budget_s: float | None  # `retry_for_s`: how long it keeps trying; None when tries are counted
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter for requests refused with a retryable code.
+    """Exponential backoff with equal jitter for requests refused with a retryable code.
 
-    Try `n` (from 0) waits a random time up to `min(max_backoff_s, initial_backoff_s * multiplier**n)`
-    before the next; after `max_attempts` tries the request fails with the last error.
+    Try `n` (from 0) waits a random time between half and all of
+    `min(max_backoff_s, initial_backoff_s * multiplier**n)` before the next;
+    after `max_attempts` tries the request fails with the last error.
 
     `retry_for_s` budgets time instead of tries: a request is tried again, however
     many times, until that many seconds have passed since its first try (what a
     long job wants, so that a server restarting for a few seconds fails nothing).
     With it, a client's `timeout` bounds each try rather than the whole request.
+
+    `item_retries`: how many more times an image that failed with INTERNAL (its
+    batch's forward pass failed) is sent. `on_retry` is called before each
+    pause of a refused request (from the client's own thread), so a caller can
+    say what it is waiting for.
     """
 
     max_attempts: int = 8
@@ -41,12 +64,24 @@ class RetryPolicy:
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
     retry_for_s: float | None = None
+    item_retries: int = 2
+    on_retry: Callable[[Retrying], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if self.retry_for_s is not None and self.retry_for_s < 0:
             raise ValueError("retry_for_s must not be negative")
+        if self.item_retries < 0:
+            raise ValueError("item_retries must not be negative")
+
+    def pause(self, code: int, message: str, attempt: int, started: float) -> float:
+        """The backoff after refused try `attempt` of a request first tried at `started`, told to `on_retry`."""
+        pause = self.backoff(attempt)
+        if self.on_retry is not None:
+            waited = time.monotonic() - started
+            self.on_retry(Retrying(code, message, attempt, waited, pause, self.retry_for_s))
+        return pause
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed try number `attempt` (0-based)."""

@@ -34,18 +34,28 @@ class Consolidated:
 
 
 def failures_path(out: Path) -> Path:
-    """The failures file of an output: `emb.parquet` -> `emb.failures.jsonl`."""
-    return out.with_suffix(".failures.jsonl")
+    """The failures file of an output: `emb.parquet` -> `emb.parquet.failures.jsonl`.
+
+    The whole name, suffix included, so that `emb.parquet` and `emb.npy` each have their own.
+    """
+    return out.with_name(out.name + ".failures.jsonl")
 
 
 def consolidate(
-    shards: list[Path], out: Path, positions: Mapping[str, int], chunk_rows: int = 8192, cached_shards: int = 8
+    shards: list[Path],
+    out: Path,
+    positions: Mapping[str, int],
+    chunk_rows: int = 8192,
+    cached_shards: int = 8,
+    dim: int = 0,
 ) -> Consolidated:
-    """Writes every row of `shards` whose id is in `positions` to `out`, ordered by position."""
+    """Writes every row of `shards` whose id is in `positions` to `out`, ordered by position.
+
+    `dim`: the row size, declared even when there are no rows ([0, dim]).
+    """
     order, left_out = _order(shards, positions)
     load = functools.lru_cache(maxsize=cached_shards)(read_shard)
-    writer = open_writer(out, None)
-    dim = 0
+    writer = open_writer(out, None, dim)  # type: ignore[arg-type]
     try:
         for start in range(0, len(order), chunk_rows):
             chunk = order[start : start + chunk_rows]

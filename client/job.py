@@ -30,7 +30,7 @@ from client.consolidate import consolidate, failures_path, write_failures
 from client.errors import EmbedClientError, ItemError, ItemResult
 from client.manifest import Identity, Manifest, ManifestMismatch
 from client.output import JsonLinesWriter, ids_path
-from client.progress import Progress
+from client.progress import Progress, Waiting
 from client.shards import JobLocked, JobState, ShardWriter, parts_folder
 from client.sources import Inputs, Tally
 
@@ -141,9 +141,13 @@ def _pairs(inputs: Inputs, listing: Listing, line_ids_only: bool) -> Iterator[tu
 class Job:
     """One run of a job; `run()` returns the exit status and reports on `stderr`."""
 
-    def __init__(self, options: JobOptions, backend: Callable[[], Backend], stdout: IO[str], stderr: IO[str]) -> None:
+    def __init__(
+        self, options: JobOptions, backend: Callable[[], Backend], stdout: IO[str], stderr: IO[str],
+        waiting: Waiting | None = None,
+    ) -> None:  # fmt: skip
         self.options = options
         self.make_backend = backend
+        self.waiting = waiting
         self.stdout, self.stderr = stdout, stderr
         self.failures: dict[str, ItemError] = {}
         self.embedded = 0
@@ -205,7 +209,7 @@ class Job:
         state.open()
         if options.overwrite:
             state.clear()
-            for stale in (options.out, ids_path(options.out), failures_path(options.out)):  # type: ignore[arg-type]
+            for stale in _files_of(options.out):  # type: ignore[arg-type]
                 stale.unlink(missing_ok=True)
         else:  # read again under the lock: another run may have begun the job since
             previous = manifests.read(state.manifest_path)
@@ -261,7 +265,7 @@ class Job:
                 self._save(state, complete=False)
             writer.commit()
 
-        progress = Progress(self.stderr, options.progress, options.log_every_s)
+        progress = Progress(self.stderr, options.progress, options.log_every_s, self.waiting)
         outcome = self._loop(backend, listing, skip, progress, add, fail, commit, writer.due, out)
         saved = len(done) + writer.committed_rows
         if outcome is not None:
@@ -269,9 +273,13 @@ class Job:
             self.say(f"{outcome}; {where}")
             return EXIT_INTERRUPTED if outcome == "interrupted" else EXIT_JOB_FAILED
         positions = listing.positions
+        if not positions:
+            if not done and not state.shards():
+                state.clear()  # no job to resume: the same OUT stays free for other inputs
+            return self._nothing_to_embed(listing)
         left_out = sum(1 for image_id in done if image_id not in positions)
         if not was_complete or writer.committed_rows or writer.committed_failures or left_out or not out.exists():
-            result = consolidate(state.shards(), out, positions)
+            result = consolidate(state.shards(), out, positions, dim=self.dim)
             self.dim = result.dim or self.dim
             failed = write_failures(out, self.failures, positions)
             self._save(state, complete=True, rows=result.rows, failed=failed)
@@ -337,12 +345,20 @@ class Job:
         def fail(result: ItemResult) -> None:
             self.failures[result.id] = result.error  # type: ignore[assignment]
 
-        progress = Progress(self.stderr, self.options.progress, self.options.log_every_s)
+        progress = Progress(self.stderr, self.options.progress, self.options.log_every_s, self.waiting)
         outcome = self._loop(backend, listing, set(), progress, add, fail, writer.close, lambda: False, None)
         if outcome is not None:
             self.say(outcome)
             return EXIT_INTERRUPTED if outcome == "interrupted" else EXIT_JOB_FAILED
+        if not listing.positions:
+            return self._nothing_to_embed(listing)
         return self._summary(listing, progress, self.embedded, None)
+
+    def _nothing_to_embed(self, listing: Listing) -> int:
+        """The inputs exist but hold no image (an archive or list of none): a usage error, as a glob of none is."""
+        skipped = f" ({listing.tally.non_images} non-image files skipped)" if listing.tally.non_images else ""
+        self.say(f"error: nothing to embed: the inputs hold no image files{skipped}; nothing written")
+        return EXIT_USAGE
 
     # ------------------------------------------------------------------ the summary
 
@@ -371,6 +387,12 @@ class Job:
         if len(failed) > 20:
             self.say(f"  ... and {len(failed) - 20} more")
         return EXIT_ITEMS_FAILED
+
+
+def _files_of(out: Path) -> tuple[Path, ...]:
+    """The files a job writing `out` makes beside its state folder: its own, never another output's."""
+    sidecar = (ids_path(out),) if out.suffix.lower() == ".npy" else ()
+    return (out, *sidecar, failures_path(out))
 
 
 def _list_name(inputs: Inputs) -> str | None:

@@ -33,17 +33,20 @@ def ids_path(out: Path) -> Path:
     return out.with_suffix(".ids.txt")
 
 
-def open_writer(out: Path | None, stdout: IO[str]) -> Writer:
-    """The writer for an output path (by suffix), or JSON lines on stdout when there is none."""
+def open_writer(out: Path | None, stdout: IO[str], dim: int = 0) -> Writer:
+    """The writer for an output path (by suffix), or JSON lines on stdout when there is none.
+
+    `dim` is the row size an output without rows still declares: [0, dim].
+    """
     if out is None:
         return JsonLinesWriter(stdout)
     suffix = out.suffix.lower()
     if suffix == ".npy":
-        return NpyWriter(out, ids_path(out))
+        return NpyWriter(out, ids_path(out), dim)
     if suffix == ".npz":
-        return NpzWriter(out)
+        return NpzWriter(out, dim)
     if suffix == ".parquet":
-        return ParquetWriter(out)
+        return ParquetWriter(out, dim)
     raise ValueError(f"cannot write {out.name!r}: the output must end in {', '.join(SUFFIXES)}")
 
 
@@ -61,11 +64,11 @@ def _npy_header(rows: int, dim: int) -> bytes:
 class NpyWriter:
     """float32 [N, D] .npy written row by row (header rewritten at the end); ids one per line beside it."""
 
-    def __init__(self, out: Path, ids_out: Path | None) -> None:
+    def __init__(self, out: Path, ids_out: Path | None, dim: int = 0) -> None:
         self.out, self.ids_out = out, ids_out
-        self.rows, self.dim = 0, 0
+        self.rows, self.dim = 0, dim
         self._data = open(_partial(out), "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._data.write(_npy_header(0, 0))
+        self._data.write(_npy_header(0, dim))
         self._ids = open(_partial(ids_out), "w", encoding="utf-8", newline="\n") if ids_out else None  # noqa: SIM115
 
     def add(self, ids: list[str], rows: np.ndarray) -> None:
@@ -102,9 +105,9 @@ class NpyWriter:
 class NpzWriter:
     """`.npz` with `embeddings` (float32 [N, D]) and `ids` (unicode [N]); rows stream to a temporary .npy."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, dim: int = 0) -> None:
         self.out = out
-        self._rows = NpyWriter(out.with_name(out.name + ".rows.npy"), None)
+        self._rows = NpyWriter(out.with_name(out.name + ".rows.npy"), None, dim)
         self._ids: list[str] = []
 
     def add(self, ids: list[str], rows: np.ndarray) -> None:
@@ -130,12 +133,13 @@ class NpzWriter:
 class ParquetWriter:
     """Parquet with columns `id` (string) and `embedding` (fixed-size list of float32); needs pyarrow."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, dim: int = 0) -> None:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             raise ValueError("writing .parquet needs pyarrow (pip install pyarrow); or write .npy or .npz") from None
         self.out = out
+        self.dim = dim
         self._writer = None
 
     def add(self, ids: list[str], rows: np.ndarray) -> None:
@@ -156,7 +160,7 @@ class ParquetWriter:
         import pyarrow.parquet as pq
 
         if self._writer is None:  # no rows: an empty file with the schema
-            schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), 0))])
+            schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), self.dim))])
             pq.write_table(schema.empty_table(), str(_partial(self.out)))
         else:
             self._writer.close()

@@ -2,15 +2,22 @@
 
 The total (for the percentage and the ETA) may come late: inputs are counted
 on the side while the job already runs, and the total is filled in when known.
+`Waiting` says at once when the service refuses requests that will be tried
+again (a server down or restarting), and how long they will be.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 from typing import IO
 
 from tqdm import tqdm
+
+from client.connection import Retrying
+from client.errors import code_name
 
 
 def duration(seconds: float) -> str:
@@ -23,13 +30,75 @@ def duration(seconds: float) -> str:
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
+class Waiting:
+    """Told of every retried request (`RetryPolicy.on_retry`); says at once what the job waits for, and how long.
+
+    The first refusal of a spell is said at once, then one line every
+    `every_s` while it lasts, and one when answers come again. Called from the
+    client's thread; `say` writes a line (the progress bar swaps in its own).
+    """
+
+    def __init__(self, stream: IO[str], where: str, every_s: float = 10.0) -> None:
+        self.where = where
+        self.every_s = every_s
+        self.stream = stream
+        self.say: Callable[[str], None] = self.print_line
+        self.since: float | None = None
+        self._said_at = float("-inf")
+        self._budget: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, notice: Retrying) -> None:
+        now = time.monotonic()
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since = now - notice.waited_s
+            self._budget = notice.budget_s
+            if not first and now - self._said_at < self.every_s:
+                return
+            self._said_at = now
+            waited = now - self.since  # type: ignore[operator]
+        reason = f"{code_name(notice.code)}: {notice.message[:200]}"
+        if first:
+            budget = f"for up to {notice.budget_s:g} s (--retry-for)" if notice.budget_s is not None else "a few times"
+            self.say(f"waiting for {self.where}: {reason}; retrying {budget}")
+        else:
+            self.say(f"still waiting for {self.where} ({self.status_of(waited)}): {reason}")
+
+    def print_line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def answered(self) -> None:
+        """Results came in: a wait, if there was one, is over."""
+        if self.since is None:
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            waited = time.monotonic() - self.since
+            said = self._said_at >= self.since
+            self.since = None
+        if said:
+            self.say(f"{self.where} answers again (after {waited:.0f} s)")
+
+    def status_of(self, waited: float) -> str:
+        return f"{waited:.0f} s" + (f" of up to {self._budget:g} s" if self._budget is not None else "")
+
+    def status(self) -> str | None:
+        """`waiting for HOST:PORT 32 s of up to 120 s`, while a wait lasts."""
+        since = self.since
+        return None if since is None else f"waiting for {self.where} {self.status_of(time.monotonic() - since)}"
+
+
 class Progress:
     """Counts images as they are done. `mode`: "bar" (tqdm), "log" (a line every `every_s`), or "off"."""
 
-    def __init__(self, stream: IO[str], mode: str, every_s: float = 10.0) -> None:
+    def __init__(self, stream: IO[str], mode: str, every_s: float = 10.0, waiting: Waiting | None = None) -> None:
         self.stream = stream
         self.mode = mode
         self.every_s = every_s
+        self.waiting = waiting
         self.done = 0
         self.failed = 0
         self.total: int | None = None
@@ -40,6 +109,8 @@ class Progress:
             sized = _terminal_has_size(stream)  # a pty of size 0x0 (script, some CI runners) would hide the bar
             self._bar = tqdm(total=None, unit="img", file=stream, dynamic_ncols=sized,
                              ncols=None if sized else 80, nrows=None if sized else 20)  # fmt: skip
+            if waiting is not None:
+                waiting.say = lambda text: tqdm.write(text, file=stream)
 
     def set_total(self, total: int) -> None:
         """The number of images this run will do, once counted."""
@@ -51,6 +122,8 @@ class Progress:
             self._bar.refresh()
 
     def update(self, done: int, failed: int = 0) -> None:
+        if self.waiting is not None:
+            self.waiting.answered()
         self.done += done
         self.failed += failed
         if self._bar is not None:
@@ -73,9 +146,12 @@ class Progress:
             text = f"{self.done}/{self.total} images ({100 * self.done / self.total:.1f}%), {rate:.1f} images/s{eta}"
         else:
             text = f"{self.done} images, {rate:.1f} images/s"
-        return text + (f", {self.failed} failed" if self.failed else "")
+        waiting = self.waiting.status() if self.waiting is not None else None
+        return text + (f", {self.failed} failed" if self.failed else "") + (f", {waiting}" if waiting else "")
 
     def close(self) -> None:
+        if self.waiting is not None:
+            self.waiting.say = self.waiting.print_line
         if self._bar is not None:
             if self._bar.total is None or self._bar.total < self._bar.n:
                 self._bar.total = self._bar.n

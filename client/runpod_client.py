@@ -23,7 +23,7 @@ import numpy as np
 import requests
 
 from client.async_client import POOLINGS, stack
-from client.connection import RetryPolicy
+from client.connection import ITEM_RETRY_CODES, RetryPolicy
 from client.errors import EmbedClientError, ItemError, ItemResult
 from client.images import Item, encode_many, take
 
@@ -31,7 +31,7 @@ DEFAULT_BASE_URL = "https://api.runpod.ai"
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # base64 text per job; RunPod caps /runsync bodies at 20 MB
 _RETRY_HTTP = frozenset({429, 500, 502, 503, 504})
 _CODES = {code.name: code.value[0] for code in grpc.StatusCode}
-_UNKNOWN, _INVALID_ARGUMENT, _INTERNAL = 2, 3, 13
+_UNKNOWN, _INVALID_ARGUMENT, _INTERNAL, _UNAVAILABLE = 2, 3, 13, 14
 
 
 class RunPodError(EmbedClientError):
@@ -114,7 +114,7 @@ class RunPodClient:
                 problem = f"{type(exc).__name__}: {exc}"
             if not self.retry.may_try_again(attempt, time.monotonic() - started):
                 raise RunPodError(f"{method} {self._url(path)} failed after {attempt + 1} attempts: {problem}")
-            time.sleep(self.retry.backoff(attempt))
+            time.sleep(self.retry.pause(_UNAVAILABLE, f"{self._url(path)}: {problem}", attempt, started))
             attempt += 1
         if response.status_code in (401, 403):
             raise RunPodError(f"RunPod refused the API key (HTTP {response.status_code}); check --api-key")
@@ -151,7 +151,8 @@ class RunPodClient:
             except RunPodError as exc:
                 if not self.retry.should_retry(exc.code, exc.detail, attempt, time.monotonic() - started):
                     raise
-            time.sleep(self.retry.backoff(attempt))
+                pause = self.retry.pause(exc.code, exc.detail, attempt, started)
+            time.sleep(pause)
             attempt += 1
 
     def embed(self, images: Iterable[Any], *, ids: Sequence[str] | None = None, pooling: str = "cls",
@@ -207,9 +208,20 @@ class RunPodClient:
             yield current
 
     def _embed_job(self, items: list[Item], pooling: str, normalize: bool) -> list[ItemResult]:
-        """One job for the items that have bytes; client-side failures keep their error."""
+        """One job for the items that have bytes; client-side failures keep their error.
+
+        Images whose batch's forward pass failed (INTERNAL) go again in a new
+        job, up to `item_retries` times, after the policy's backoff.
+        """
+        answers: dict[int, ItemResult] = {}
         sendable = [item for item in items if item.error is None]
-        answers = {result.index: result for result in self._embed_sendable(sendable, pooling, normalize)}
+        for attempt in range(1 + self.retry.item_retries):
+            if attempt:
+                time.sleep(self.retry.backoff(attempt - 1))
+            answers.update((r.index, r) for r in self._embed_sendable(sendable, pooling, normalize))
+            sendable = [item for item in sendable if _retryable(answers[item.index])]
+            if not sendable:
+                break
         return [answers.get(item.index) or ItemResult(item.index, item.id, error=item.error) for item in items]
 
     def _embed_sendable(self, items: list[Item], pooling: str, normalize: bool) -> list[ItemResult]:
@@ -232,6 +244,10 @@ class RunPodClient:
             return [ItemResult(items[0].index, items[0].id, error=ItemError(code, message))]
         parsed = parse_output(output, len(items))
         return [ItemResult(item.index, item.id, r.embedding, r.error) for item, r in zip(items, parsed, strict=True)]
+
+
+def _retryable(result: ItemResult) -> bool:
+    return result.error is not None and result.error.code in ITEM_RETRY_CODES
 
 
 def parse_output(output: Any, count: int) -> list[ItemResult]:

@@ -81,6 +81,8 @@ class Inputs:
             raise InputError("give images to embed: files, folders, globs, or --from-list FILE")
         for argument in self.arguments:
             path = Path(argument)
+            if path.is_dir() and not _holds_images(path):
+                raise InputError(f"no image files in {argument} (nor in its subfolders)")
             if path.exists() or path.is_symlink():
                 continue
             if not _has_magic(argument):
@@ -137,6 +139,11 @@ def _listed(entry: str, select: Select, tally: Tally) -> Iterator[Source]:
         yield from _folder(Path(entry), select, tally)
     elif select(entry):
         yield Source(entry, Path(entry))
+
+
+def _holds_images(root: Path) -> bool:
+    """Whether a folder holds an image or an archive anywhere below it; stops at the first."""
+    return any(is_image_name(name) or is_archive_name(name) for _, _, files in os.walk(root) for name in files)
 
 
 def _folder(root: Path, select: Select, tally: Tally) -> Iterator[Source]:

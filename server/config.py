@@ -64,6 +64,7 @@ class Settings:
         120.0, "A forward pass slower than this fails its images (UNAVAILABLE) and turns health NOT_SERVING."
     )
     idle_trim_s: float = _opt(1.0, "After this long with no work in flight, freed memory goes back to the OS.")
+    hub_timeout_s: float = _opt(5.0, "How long the start waits for the Hugging Face Hub to answer before giving up.")
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
@@ -84,6 +85,8 @@ class Settings:
             raise ValueError(f"metrics_port must be from 0 to 65535, or -1 to disable, not {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.hub_timeout_s <= 0:
+            raise ValueError(f"hub_timeout_s must be positive, not {self.hub_timeout_s}")
 
     @property
     def address(self) -> str:

@@ -15,15 +15,21 @@ import sys
 from pathlib import Path
 
 from server.errors import ModelLoadError
+from server.source import check_supported, locate
 
 
-def download(model: str, out: Path, revision: str | None = None) -> Path:
-    """Writes config, weights and the (unmodified) processor config of `model` to `out`."""
+def download(model: str, out: Path, revision: str | None = None, hub_timeout_s: float = 10.0) -> Path:
+    """Writes config, weights and the (unmodified) processor config of `model` to `out`.
+
+    A model the server would refuse (not reachable, not DINOv2) is refused here, at build time.
+    """
     from transformers import AutoImageProcessor, AutoModel
 
+    source = locate(model, revision, hub_timeout_s)
+    check_supported(source)
     try:
-        processor = AutoImageProcessor.from_pretrained(model, revision=revision)
-        network = AutoModel.from_pretrained(model, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(source.model, **source.kwargs())
+        network = AutoModel.from_pretrained(source.model, **source.kwargs())
     except OSError as exc:
         raise ModelLoadError.cannot_load(model, exc) from None
     out.mkdir(parents=True, exist_ok=True)

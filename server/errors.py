@@ -45,6 +45,14 @@ class ModelLoadError(Exception):
     """The model or its processor cannot be loaded; ends the start with this message."""
 
     @classmethod
+    def not_found(cls, model: str, reason: str) -> "ModelLoadError":
+        """A Hub id that is neither in the local cache nor fetchable, `reason` saying why."""
+        return cls(
+            f"cannot load model {model!r}: it is not a local folder; {reason}. Without network, point --model "
+            "(or MODEL_ID) at a local folder holding config.json, the weights and preprocessor_config.json"
+        )
+
+    @classmethod
     def cannot_load(cls, model: str, exc: BaseException) -> "ModelLoadError":
         if Path(model).exists():
             text = str(exc).strip()

@@ -20,6 +20,7 @@ from server.config import Settings
 from server.errors import ModelLoadError
 from server.preprocess import Normalization, configured_processor, normalization_of
 from server.runtime import ComputeThread, shared_compute_thread, tune_malloc
+from server.source import check_supported, locate
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +125,25 @@ class ModelRunner:
         self._forward = torch.compile(self.model, dynamic=True) if self.fast.compile else self.model
 
     def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Casts and moves the model and applies the fast paths (on the compute thread)."""
+        """Applies the fast paths and casts and moves the model (on the compute thread).
+
+        The weight folds (input, q/k/v, LayerScale) are computed from the
+        loaded weights before the cast, so in bfloat16/float16 each folded
+        weight is rounded once, as a half-precision checkpoint of the folded
+        model would be; the position cache is interpolated after it, as
+        transformers does from the cast table.
+        """
         projection = model.embeddings.patch_embeddings.projection
         folded = fastpath.folded_projection(projection, self.norm) if self.fast.fold_input else None
+        if self.fast.fuse_qkv:
+            fastpath.fuse_qkv(model)
+        if self.fast.fold_layer_scale:
+            fastpath.fold_layer_scale(model)
         model = model.to(device=self.device, dtype=self.dtype).eval()
         if folded is not None:
             fastpath.fold_input(model, folded, self.dtype)
         if self.fast.cache_positions:
             fastpath.cache_positions(model, self.norm.image_size)
-        if self.fast.fuse_qkv:
-            fastpath.fuse_qkv(model)
-        if self.fast.fold_layer_scale:
-            fastpath.fold_layer_scale(model)
         fastpath.use_attention(model, self.attention)
         return model
 
@@ -145,22 +153,26 @@ class ModelRunner:
     ) -> ModelRunner:
         """Loads model and processor with `from_pretrained` (Hub id or local folder).
 
-        The weights are loaded in float32 and cast after the input folding, so
-        the folded patch embedding is computed from the full-precision weights.
-        Loading, like every forward pass, runs on the compute thread (by
-        default the process's shared one, server/runtime.py).
+        Where the model comes from is settled first, and a model that is not
+        DINOv2 refused (server/source.py), so a start that cannot succeed ends
+        in seconds with one line. The weights are loaded in float32 and cast
+        after the weight folds (`_prepare`). Loading, like every forward pass,
+        runs on the compute thread (by default the process's shared one,
+        server/runtime.py).
         """
         from transformers import AutoModel
 
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         fast = fast or FastPaths(compile=settings.compile == "on")
-        norm = normalization_of(configured_processor(settings.model, settings.revision))
+        source = locate(settings.model, settings.revision, settings.hub_timeout_s)
+        check_supported(source)
+        norm = normalization_of(configured_processor(source.model, source.revision, source.local_files_only))
         tune_malloc()
         compute = compute or shared_compute_thread()
         try:
             model = compute.run(
-                lambda: AutoModel.from_pretrained(settings.model, revision=settings.revision, dtype=torch.float32)
+                lambda: AutoModel.from_pretrained(source.model, dtype=torch.float32, **source.kwargs())
             )
         except OSError as exc:
             raise ModelLoadError.cannot_load(settings.model, exc) from None

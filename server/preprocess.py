@@ -9,7 +9,7 @@ The service does not call the processor per image. `decode` produces the
 resized single-channel uint8 image (PIL, the same resize the processor does),
 and `Normalization` holds the processor's rescale/mean/std so the model runner
 can replicate and normalize a whole batch at once on the device. Both paths
-are compared in tests/test_parity.py.
+are compared in tests/test_model.py and tests/test_fastpath.py.
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ class Normalization:
     std: tuple[float, float, float]
 
 
-def configured_processor(model: str, revision: str | None, image_size: int = 224):
+def configured_processor(model: str, revision: str | None, local_files_only: bool = False, image_size: int = 224):
     """The model's image processor, overridden to resize to image_size squared with no crop.
 
     This is the reference the fast path must equal; the Hub's DINOv2 processor
-    would resize the shortest edge to 256 and center-crop 224.
+    would resize the shortest edge to 256 and center-crop 224. Its backend is
+    pinned to Pillow: `decode` resizes with Pillow, and transformers 5 would
+    otherwise pick its torchvision backend (a different bicubic resize)
+    whenever torchvision is installed, so the reference would change with
+    the environment.
     """
     from transformers import AutoImageProcessor
 
@@ -57,6 +61,8 @@ def configured_processor(model: str, revision: str | None, image_size: int = 224
         return AutoImageProcessor.from_pretrained(
             model,
             revision=revision,
+            local_files_only=local_files_only,
+            backend="pil",
             size={"height": image_size, "width": image_size},
             do_center_crop=False,
             do_resize=True,

@@ -40,19 +40,25 @@ HUB_PREPROCESSOR_CONFIG = {
 }
 
 
-def build_model_dir(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Writes a random-weight DINOv2 of a published size to `path`; returns the path."""
+def build_model_dir(path: str | Path, size: str = "tiny", seed: int = 0, registers: int = 0) -> Path:
+    """Writes a random-weight DINOv2 of a published size to `path`; returns the path.
+
+    registers > 0 makes it a DINOv2 with that many register tokens
+    (model_type dinov2_with_registers; the published ones have 4).
+    """
     import torch
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     path = Path(path)
-    config = Dinov2Config(
-        image_size=518, patch_size=14, mlp_ratio=4, layerscale_value=1.0, layer_norm_eps=1e-6, **SIZES[size]
-    )
+    shape = {"image_size": 518, "patch_size": 14, "mlp_ratio": 4, "layerscale_value": 1.0, "layer_norm_eps": 1e-6}
     torch.manual_seed(seed)
-    Dinov2Model(config).save_pretrained(path)
+    if registers > 0:
+        config = Dinov2WithRegistersConfig(num_register_tokens=registers, **shape, **SIZES[size])
+        Dinov2WithRegistersModel(config).save_pretrained(path)
+    else:
+        Dinov2Model(Dinov2Config(**shape, **SIZES[size])).save_pretrained(path)
     (path / "preprocessor_config.json").write_text(json.dumps(HUB_PREPROCESSOR_CONFIG, indent=2))
     return path
 
@@ -62,8 +68,9 @@ def main() -> None:
     parser.add_argument("size", choices=list(SIZES))
     parser.add_argument("path")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--registers", type=int, default=0, help="register tokens (0: plain DINOv2)")
     args = parser.parse_args()
-    print(build_model_dir(args.path, args.size, args.seed))
+    print(build_model_dir(args.path, args.size, args.seed, args.registers))
 
 
 if __name__ == "__main__":

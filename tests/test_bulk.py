@@ -19,6 +19,7 @@ import pytest
 
 from client.cli import main
 from client.connection import RetryPolicy
+from client.consolidate import failures_path
 from client.shards import JobState, parts_folder, read_ids
 from tests import images
 from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close
@@ -59,7 +60,7 @@ def read_npy(path: Path) -> tuple[list[str], np.ndarray]:
 
 
 def failures(out: Path) -> dict[str, str]:
-    lines = out.with_suffix(".failures.jsonl").read_text().splitlines()
+    lines = failures_path(out).read_text().splitlines()
     return {entry["id"]: entry["code"] for entry in map(json.loads, lines)}
 
 
@@ -263,7 +264,23 @@ def test_failures_file_lists_exactly_the_bad_inputs_and_retry_failed_tries_them_
     (root / "missing.png").write_bytes(images.png(32, 24, seed=8))
     code, _, stderr = run("embed", "--from-list", str(listing), "--server", server.address, "-o", str(out),
                           "--retry-failed")  # fmt: skip
-    assert code == 0 and not out.with_suffix(".failures.jsonl").exists(), stderr
+    assert code == 0 and not failures_path(out).exists(), stderr
+
+
+def test_each_output_has_its_own_failures_file(server: RunningServer, tmp_path: Path) -> None:
+    """The root README's pair of commands: a parquet job, then an npy job of the same name, then overwrites."""
+    root = tmp_path / "photos"
+    make_dataset(root, 4)
+    parquet, npy = tmp_path / "photos.parquet", tmp_path / "photos.npy"
+    code, _, stderr = run("embed", str(root), "--server", server.address, "-o", str(parquet))
+    assert code == 1 and len(failures(parquet)) == 3, stderr
+    assert failures_path(parquet).name == "photos.parquet.failures.jsonl"
+    code, _, stderr = run("embed", str(root / "a" / "img0000.png"), "--server", server.address, "-o", str(npy))
+    assert code == 0, stderr
+    assert len(failures(parquet)) == 3 and not failures_path(npy).exists()
+    code, _, stderr = run("embed", str(root), "--server", server.address, "-o", str(parquet), "--overwrite")
+    assert code == 1 and len(failures(parquet)) == 3
+    assert read_npy(npy)[0] == [str(root / "a" / "img0000.png")]  # the npy job's ids file is its own
 
 
 def test_plain_progress_lines_when_not_on_a_terminal(server: RunningServer, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.consolidate import consolidate
+from client.consolidate import consolidate, failures_path
 from client.errors import ItemResult
 from client.images import encode_many, take
 from client.job import Job, JobOptions
@@ -88,7 +88,7 @@ def test_tar_members_are_embedded_repeats_once_and_a_bad_archive_is_one_failure(
     assert ids == [f"{first}/{k:06d}.jpg" for k in range(5)] + [f"{second}/{k:06d}.jpg" for k in range(5, 8)]
     assert_close(rows[2], reference.embed(members["000002.jpg"]), "tar member")
     assert "26 non-image files skipped" in stderr and "5 inputs skipped as repeats" in stderr
-    failed = [json.loads(line) for line in out.with_suffix(".failures.jsonl").read_text().splitlines()]
+    failed = [json.loads(line) for line in failures_path(out).read_text().splitlines()]
     assert [(f["id"], f["code"]) for f in failed] == [(str(broken), "INVALID_ARGUMENT")]
     assert "not a readable tar archive" in failed[0]["message"]
 

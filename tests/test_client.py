@@ -155,8 +155,42 @@ def test_breaking_out_of_a_stream_leaves_the_client_usable(client: EmbedClient) 
     assert client.embed(pictures(2)).shape == (2, 32)
 
 
-def test_empty_input_gives_an_empty_array(client: EmbedClient) -> None:
-    assert client.embed([]).shape == (0, 0)
+def test_empty_input_gives_an_empty_array_of_the_embedding_size(client: EmbedClient) -> None:
+    empty = client.embed([])
+    assert empty.shape == (0, 32) and empty.dtype == np.float32
+    assert client.embed([], pooling="cls_mean").shape == (0, 64)
+
+
+def test_an_image_whose_batch_failed_is_sent_again(make_server: Any, runner: Any, reference: Reference) -> None:
+    controlled = ControlledRunner(runner)
+    flaky = make_server(runner_=controlled, probe_interval_s=0.1)
+    controlled.fail_batches = 1  # the first forward pass fails: its images come back INTERNAL
+    datas = pictures(3)
+    with EmbedClient(flaky.address, retry=FAST_RETRY) as client:
+        vectors = client.embed(datas, batch_size=3)
+    assert flaky.metrics.value("dinov2_inference_failures_total") == 1
+    assert ok_images(flaky) == 3
+    for i, data in enumerate(datas):
+        assert_close(vectors[i], reference.embed(data), f"retried {i}")
+
+
+def test_an_image_whose_batch_keeps_failing_is_sent_item_retries_more_times(make_server: Any, runner: Any) -> None:
+    controlled = ControlledRunner(runner)
+    broken = make_server(runner_=controlled, probe_interval_s=60, max_wait_ms=0)
+    controlled.failing = True
+    retry = dataclasses.replace(FAST_RETRY, item_retries=2)
+    with EmbedClient(broken.address, retry=retry) as client:
+        (result,) = list(client.embed_iter(pictures(1)))
+    assert result.error is not None and result.error.code_name == "INTERNAL"
+    assert broken.metrics.value("dinov2_inference_failures_total") == 3  # the first try and 2 retries
+
+
+def test_an_invalid_image_is_not_sent_again(client: EmbedClient, server: RunningServer) -> None:
+    before = stream_requests(server, "OK")
+    results = list(client.embed_iter([b"not an image"]))
+    assert results[0].error is not None and results[0].error.code == INVALID_ARGUMENT
+    client.close()  # the stream ends, and with it its count
+    assert stream_requests(server, "OK") - before == 1
 
 
 async def test_async_client_equals_the_sync_client(server: RunningServer, client: EmbedClient) -> None:

@@ -150,6 +150,66 @@ def test_info_prints_json(server: RunningServer) -> None:
     code, stdout, _ = run("info", "--server", server.address)
     info = json.loads(stdout)
     assert code == 0 and info["embedding_dim"] == 32 and info["max_images_per_request"] == 256
+    assert info["max_image_bytes"] == 32 * 1024 * 1024 and info["max_request_bytes"] == 128 * 1024 * 1024
+    assert all(isinstance(info[name], int) for name in ("max_image_bytes", "max_image_pixels", "max_request_bytes"))
+
+
+def test_a_folder_without_images_is_a_usage_error_and_writes_nothing(tmp_path: Path) -> None:
+    empty, texts = tmp_path / "empty", tmp_path / "texts"
+    empty.mkdir()
+    (texts / "deep").mkdir(parents=True)
+    (texts / "deep" / "notes.txt").write_text("no image here")
+    for folder in (empty, texts):
+        code, _, stderr = run("embed", str(folder), "--server", "127.0.0.1:1", "-o", str(tmp_path / "o.npy"))
+        assert code == 2 and f"no image files in {folder}" in stderr, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "texts"]
+
+
+def test_an_archive_without_images_is_nothing_to_embed(server: RunningServer, tmp_path: Path) -> None:
+    import tarfile
+
+    archive = tmp_path / "notes.tar"
+    with tarfile.open(archive, "w") as tar:
+        note = tmp_path / "note.txt"
+        note.write_text("no image")
+        tar.add(note, "note.txt")
+    out = tmp_path / "o.npy"
+    code, _, stderr = run("embed", str(archive), "--server", server.address, "-o", str(out))
+    assert code == 2 and "nothing to embed" in stderr and "1 non-image files skipped" in stderr, stderr
+    assert not out.exists()
+    code, stdout, stderr = run("embed", str(archive), "--server", server.address)
+    assert code == 2 and "nothing to embed" in stderr and stdout == ""
+
+
+def test_when_every_image_fails_the_output_keeps_the_embedding_size(server: RunningServer, tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "o.npy"
+    code, _, stderr = run("embed", str(tmp_path / "bad.png"), "--server", server.address, "-o", str(out))
+    assert code == 1 and "embedded 0 of 1 images (dim 32)" in stderr, stderr
+    assert np.load(out).shape == (0, 32)
+
+
+def test_a_server_that_is_down_is_named_at_once_with_the_retry_budget(
+    small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """The first line comes while the job still retries (it would go on for 60 s), not when it gives up."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "client", "embed", str(small_folder[0]), "--server", address, "--retry-for", "60",
+             "-o", str(tmp_path / "o.npy")],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            assert proc.poll() is None, line  # still retrying
+        finally:
+            proc.kill()
+            proc.wait()
+    assert line.startswith(f"waiting for server {address}: UNAVAILABLE: "), line
+    assert line.rstrip().endswith("retrying for up to 60 s (--retry-for)"), line
 
 
 @pytest.mark.parametrize(

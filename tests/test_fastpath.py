@@ -98,14 +98,7 @@ def test_folded_layer_scale_keeps_parity_with_learned_scales(model_dir: Path, ru
     """Random models have LayerScale 1.0; real checkpoints learn it, so give it random values here."""
     import copy
 
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.encoder.layer:
-            for scale in (layer.layer_scale1, layer.layer_scale2):
-                scale.lambda1.copy_(torch.rand(scale.lambda1.shape, generator=generator) * 2 - 0.5)
+    model = learned_scales_model(model_dir)
     device, dtype = torch.device("cpu"), torch.float32
     plain = ModelRunner(copy.deepcopy(model), runner.norm, device, dtype, PLAIN)
     folded = ModelRunner(model, runner.norm, device, dtype, dataclasses.replace(PLAIN, fold_layer_scale=True))
@@ -114,6 +107,40 @@ def test_folded_layer_scale_keeps_parity_with_learned_scales(model_dir: Path, ru
     for i in range(3):
         assert_close(actual.cls[i], expected.cls[i], f"cls {i}")
         assert_close(actual.mean[i], expected.mean[i], f"mean {i}")
+
+
+def learned_scales_model(model_dir: Path) -> torch.nn.Module:
+    """The tiny model with random LayerScale values (random models have 1.0; real checkpoints learn them)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            for scale in (layer.layer_scale1, layer.layer_scale2):
+                scale.lambda1.copy_(torch.rand(scale.lambda1.shape, generator=generator) * 2 - 0.5)
+    return model
+
+
+def test_half_precision_weights_are_folded_in_float32_and_rounded_once(model_dir: Path, runner: ModelRunner) -> None:
+    """In bfloat16 each folded weight is the float32 fold rounded once, not a fold of rounded weights."""
+    import copy
+
+    model = learned_scales_model(model_dir)
+    original = copy.deepcopy(model)
+    half = ModelRunner(model, runner.norm, torch.device("cpu"), torch.bfloat16, FastPaths())
+    for layer, before in zip(half.model.encoder.layer, original.encoder.layer, strict=True):
+        attention = before.attention
+        parts = [attention.q_proj.weight.double() * attention.scaling, attention.k_proj.weight, attention.v_proj.weight]
+        expected = torch.cat([p.double() for p in parts]).to(torch.bfloat16)
+        assert torch.equal(layer.attention.qkv_proj.weight, expected)
+        for scale, out, out_before in (
+            (before.layer_scale1, layer.attention.o_proj, attention.o_proj),
+            (before.layer_scale2, layer.mlp.fc2, before.mlp.fc2),
+        ):
+            lam = scale.lambda1.double()
+            assert torch.equal(out.weight, (out_before.weight.double() * lam[:, None]).to(torch.bfloat16))
+            assert torch.equal(out.bias, (out_before.bias.double() * lam).to(torch.bfloat16))
 
 
 def test_compiled_runner_keeps_float32_parity(

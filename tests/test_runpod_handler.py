@@ -31,6 +31,7 @@ from tests.runpod_api import LocalRunPodApi
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = images.png(seed=4)
+PHOTO = images.jpeg(640, 480, seed=3)  # about 150 KB, as a phone photo scaled down
 JOB_OK = {"method": "RunPodJob", "code": "OK"}
 
 
@@ -292,22 +293,25 @@ class Script:
 def scripted(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Script]:
     """`python runpod_handler.py` runs, started together: each is mostly interpreter start-up."""
     home = tmp_path_factory.mktemp("hf-home")
+    job = tmp_path_factory.mktemp("job")  # the README's route for a photo: test_input.json in a job folder
+    (job / "test_input.json").write_text(json.dumps({"input": {"images": [b64(PHOTO)], "pooling": "mean"}}))
     runs = {
-        "test_input.json": ([], {}),
-        "broken": (["--test_input", json.dumps({"input": {"image": b64(b"not an image")}})], {}),
-        "no model": ([], {"MODEL_ID": str(home / "nowhere"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}),
+        "test_input.json": ([], {}, ROOT),
+        "broken": (["--test_input", json.dumps({"input": {"image": b64(b"not an image")}})], {}, ROOT),
+        "no model": ([], {"MODEL_ID": str(home / "nowhere"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}, ROOT),
+        "photo job": ([], {}, job),
     }
     base = {**os.environ, "MODEL_ID": str(model_dir), "METRICS_PORT": "-1", "RUNPOD_LOG_LEVEL": "INFO"}
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "runpod_handler.py", *args],
-            cwd=ROOT,
+            [sys.executable, str(ROOT / "runpod_handler.py"), *args],
+            cwd=cwd,
             env={**base, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for name, (args, env) in runs.items()
+        for name, (args, env, cwd) in runs.items()
     }
     with ThreadPoolExecutor(len(procs)) as pool:
         outputs = dict(zip(procs, pool.map(lambda p: p.communicate(timeout=120), procs.values()), strict=True))
@@ -327,6 +331,16 @@ def test_test_input_json_runs_and_matches_reference(scripted: dict[str, Script],
     image = base64.b64decode(json.loads((ROOT / "test_input.json").read_text())["input"]["image"])
     assert image.startswith(b"\x89PNG")
     assert_close(vec(job_result(run.stdout)["output"]["embedding"]), reference.embed(image), "test_input.json")
+
+
+def test_a_photo_job_runs_from_its_job_folder(scripted: dict[str, Script], reference: Reference) -> None:
+    """A photo's base64 is over Linux's 128 KiB per argument, too long for --test_input; a job folder takes it."""
+    assert len(b64(PHOTO)) > 128 * 1024
+    run = scripted["photo job"]
+    assert run.returncode == 0, run.stdout + run.stderr
+    output = job_result(run.stdout)["output"]
+    assert output["errors"] == []
+    assert_close(vec(output["embeddings"][0]), reference.embed(PHOTO, Pooling.MEAN), "photo job")
 
 
 def test_test_input_with_a_broken_image_exits_non_zero(scripted: dict[str, Script]) -> None:
