@@ -45,6 +45,6 @@ EXPOSE 50051 9090
 
 # gRPC mode: healthy while SERVING. RunPod mode: always healthy (RunPod watches its workers).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["sh", "-c", "python -m server.healthcheck --address localhost:${PORT}"]
+    CMD ["python", "-m", "server.healthcheck"]
 
 CMD ["python", "-u", "runpod_handler.py"]

@@ -34,13 +34,20 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     Compressed requests are refused (UNIMPLEMENTED): a 130 KB gzip body can
     inflate to the whole message limit, and gRPC inflates before any check of
     ours. SO_REUSEPORT is off, so a second server on a busy port fails to start
-    instead of silently taking half the connections.
+    instead of silently taking half the connections. BDP probing is off so that
+    a body nobody reads yet stays in its 64 KB flow-control window (see
+    EmbedServicer.Embed). gRPC's own queue of calls not yet handed to Python
+    cancels calls past 1,000 (CANCELLED, which clients do not retry); it is
+    raised well past `max_concurrent_rpcs`, whose refusal is RESOURCE_EXHAUSTED.
     """
+    pending = 16 * settings.max_concurrent_rpcs
     return [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         ("grpc.max_send_message_length", settings.max_request_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.http2.bdp_probe", 0),
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
         ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
     ]
 

@@ -123,17 +123,19 @@ def guard_pillow(max_pixels: int) -> None:
 
     Pillow checks every image it opens, also one nested in a container (the
     PNG inside an ICO, whose directory may claim another size), against the
-    process-wide `Image.MAX_IMAGE_PIXELS`, and warns above it. It is raised
-    to the largest limit configured in this process (so `--max-image-pixels`
-    above Pillow's default works) and its warning becomes an error.
+    process-wide `Image.MAX_IMAGE_PIXELS`: it raises `DecompressionBombError`
+    above twice that, and only warns above it. The value is set to half the
+    largest limit configured in this process (so `--max-image-pixels` above
+    Pillow's default works, and the error comes at our limit), and the warning,
+    which refuses nothing, is silenced.
     """
     global _guarded_pixels
     if max_pixels <= _guarded_pixels:
         return
     with _guard_lock:
         if max_pixels > _guarded_pixels:
-            warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = max_pixels
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = max_pixels // 2
             _guarded_pixels = max_pixels
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -88,3 +89,27 @@ def test_serves_then_drains_on_sigterm(model_dir: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("which", ["--port", "--metrics-port"])
+def test_a_busy_port_ends_the_start_with_one_line(model_dir: Path, which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--metrics-port" if which == "--port" else "--port"
+        proc = subprocess.run(
+            [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1", which, str(port),
+             other, "0"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and f"port {port} is in use" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "-5"])
+def test_a_port_out_of_range_is_refused(port: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "server", "--port", port], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode != 0 and "port must be from 0 to 65535" in proc.stderr

@@ -137,3 +137,44 @@ async def test_close_fails_waiting_images_and_refuses_new_ones() -> None:
             await pending
     with pytest.raises(Unavailable):
         await batcher.submit(image(3))
+
+
+async def test_a_forward_pass_past_its_timeout_fails_its_images_and_turns_health_off_until_it_returns() -> None:
+    model = FakeModel(delay_s=0.0)
+    health: list[bool] = []
+    batcher = await started(model, health, max_wait_ms=0.0, forward_timeout_s=0.3)
+    model.delay_s = 1.0  # a stuck device
+    with pytest.raises(Unavailable, match="did not finish within 0.3 s"):
+        await batcher.submit(image(1))
+    assert health == [False] and batcher.stalled
+    with pytest.raises(Unavailable, match="stuck"):
+        await batcher.submit(image(2))
+    model.delay_s = 0.0
+    for _ in range(100):
+        if health[-1]:
+            break
+        await asyncio.sleep(0.05)
+    assert health[-1] is True and not batcher.stalled
+    assert float((await batcher.submit(image(3))).cls[0]) == 3
+    await batcher.close()
+
+
+async def test_a_batcher_that_dies_is_logged_and_reported_unhealthy(caplog: pytest.LogCaptureFixture) -> None:
+    health: list[bool] = []
+    batcher = await started(FakeModel(delay_s=0.2), health, max_wait_ms=0.0)
+    busy = asyncio.ensure_future(batcher.submit(image(1)))
+    await asyncio.sleep(0.05)
+
+    async def broken() -> list[object]:
+        raise RuntimeError("batcher bug")
+
+    batcher._collect = broken  # type: ignore[method-assign]
+    waiting = asyncio.ensure_future(batcher.submit(image(2)))
+    await busy  # the batch in flight still finishes; the next collect raises
+    with pytest.raises(Unavailable, match="inference worker stopped"):
+        await asyncio.wait_for(waiting, timeout=5)
+    assert health == [False]
+    assert any("batcher stopped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    with pytest.raises(Unavailable):
+        await batcher.submit(image(3))
+    await batcher.close()

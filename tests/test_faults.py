@@ -97,3 +97,16 @@ def test_a_stream_cancelled_midway_sends_nothing_more_to_the_model(make_server, 
     wait_for(lambda: server.metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) >= 28)
     wait_for(lambda: server.metrics.value("dinov2_queue_depth") == 0)
     assert controlled.images_seen - seen_before <= 12  # the first batch, and at most two more in flight
+
+
+def test_images_whose_deadline_passed_are_counted_as_deadline_not_cancelled(make_server, runner) -> None:
+    controlled = ControlledRunner(runner)
+    server = make_server(controlled, max_batch_size=1)
+    controlled.delay_s = 0.6
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Embed(request(4), timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    dropped = server.metrics.value
+    wait_for(lambda: dropped("dinov2_dropped_images_total", {"reason": "deadline"}) >= 3, timeout=30)
+    assert dropped("dinov2_dropped_images_total", {"reason": "cancelled"}) == 0
+    controlled.delay_s = 0.0

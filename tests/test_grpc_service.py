@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -187,3 +189,64 @@ def test_draining_server_refuses_new_work_and_reports_not_serving(make_server) -
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     status = health_pb2_grpc.HealthStub(running.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_a_malformed_body_is_invalid_argument_with_one_warning(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING")
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length past the end
+    for method in ("Embed", "Info"):
+        call = server.channel.unary_unary(f"/dinov2.v1.Embed/{method}", request_serializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            call(garbage, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message" in (info.value.details() or "")
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "not a valid message" in r.getMessage()]
+    assert len(warnings) == 2 and not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_a_malformed_message_in_a_stream_gets_its_own_error(server: RunningServer) -> None:
+    stream = server.channel.stream_stream("/dinov2.v1.Embed/EmbedStream", request_serializer=None,
+                                          response_deserializer=pb.EmbedResponse.FromString)  # fmt: skip
+    good = request([images.png()]).SerializeToString()
+    responses = list(stream(iter([good, b"\x0a\xff\xff\xff\xff\x0f", good]), timeout=30))
+    assert len(responses) == 3
+    assert responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert responses[0].embeddings[0].values and responses[2].embeddings[0].values
+
+
+def test_a_response_over_the_message_limit_is_refused_up_front_and_the_stream_goes_on(
+    make_server, reference: Reference
+) -> None:
+    small = make_server(max_request_bytes=256 * 1024)
+    dot, data = images.png(1, 1), images.png()
+    long_ids = pb.EmbedRequest(images=[pb.Image(data=dot, id=f"{i:04d}" + "x" * 1196) for i in range(200)])
+    assert long_ids.ByteSize() < 256 * 1024 < 200 * (1200 + 4 * 32)  # the answer, not the request, is too big
+    with pytest.raises(grpc.RpcError) as info:
+        small.stub.Embed(long_ids, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "over the message limit" in info.value.details()
+    responses = list(small.stub.EmbedStream(iter([long_ids, request([data])]), timeout=30))
+    assert responses[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "over the message limit" in responses[0].error.message
+    assert_close(np.array(responses[1].embeddings[0].values, np.float32), reference.embed(data), "after")
+
+
+def test_a_client_cancelling_a_stream_is_not_an_error(server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    release = threading.Event()
+
+    def requests():
+        yield request([images.png()])
+        release.wait(10)
+
+    call = server.stub.EmbedStream(requests(), timeout=30)
+    assert next(call).embeddings[0].values
+    call.cancel()
+    release.set()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any("cancel" in r.getMessage().lower() for r in caplog.records):
+        time.sleep(0.1)
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not noisy, [r.getMessage() for r in noisy]

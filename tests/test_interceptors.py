@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
+from server import healthcheck
 from tests import images
 
 KEY = "s3cret-key-0123456789"
@@ -81,3 +82,12 @@ def test_tls_serves_secure_clients_only(make_server, certificate: tuple[Path, Pa
     with pytest.raises(grpc.RpcError) as info:
         server.stub.Info(pb.InfoRequest(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_healthcheck_works_under_tls(make_server, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server = make_server(tls_cert=str(cert), tls_key=str(key), api_key=KEY)
+    env = {"PORT": str(server.port), "TLS_CERT": str(cert)}
+    assert healthcheck.main([], env) == 0
+    assert healthcheck.main(["--address", f"127.0.0.1:{server.port}"], env) == 0  # the cert names 127.0.0.1 too
+    assert healthcheck.main([], {"PORT": str(server.port)}) == 1  # plaintext against a TLS port

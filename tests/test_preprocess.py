@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import struct
+import threading
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from server.errors import InvalidImage
-from server.preprocess import ImageLimits, decode, normalization_of
+from server.errors import InvalidImage, detached
+from server.preprocess import ImageLimits, PixelBudget, decode, normalization_of
 from tests import images
 from tests.bad_inputs import png_claiming
 
@@ -54,3 +57,74 @@ def test_normalization_read_from_the_configured_processor(reference) -> None:
     assert norm.std == pytest.approx((0.229, 0.224, 0.225))
     assert norm.rescale == pytest.approx(1 / 255)
     assert reference.processor.do_center_crop is False
+
+
+def ico_holding(png: bytes, claimed: int = 256) -> bytes:
+    """An ICO whose directory claims `claimed` x `claimed` but whose single entry is `png`."""
+    side = 0 if claimed >= 256 else claimed
+    header = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", side, side, 0, 0, 1, 32, len(png), 6 + 16)
+    return header + entry + png
+
+
+def test_an_ico_hiding_a_larger_png_is_refused_before_its_pixels_are_decoded() -> None:
+    inner = images.encode(Image.new("L", (9400, 9400)), "PNG")  # 88 MP, a few hundred KB
+    data = ico_holding(inner)
+    assert len(data) < 1_000_000
+    budget = PixelBudget(LIMITS.max_pixels)
+    with pytest.raises(InvalidImage, match="over the limit of 30000000"):
+        decode(data, LIMITS, 224, budget)
+    assert budget.held == 0
+
+
+def test_a_pixel_limit_above_pillows_default_is_honoured() -> None:
+    big = images.encode(Image.new("L", (9800, 9800), 90), "PNG")  # 96 MP > Pillow's 89.5 MP
+    limits = ImageLimits(max_bytes=10_000_000, max_pixels=100_000_000)
+    assert decode(big, limits, 224).shape == (224, 224)
+    with pytest.raises(InvalidImage, match="over the limit of 30000000"):
+        decode(big, ImageLimits(10_000_000, 30_000_000), 224)
+
+
+def test_the_pixel_budget_makes_decodes_wait_for_room() -> None:
+    budget = PixelBudget(100)
+    order: list[str] = []
+    second = budget.hold(50)
+    with budget.hold(80):
+        waiter = threading.Thread(target=lambda: (second.__enter__(), order.append("second")))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive() and budget.held == 80  # 80 + 50 > 100: it waits
+        order.append("first done")
+    waiter.join(5)
+    assert order == ["first done", "second"] and budget.held == 50
+    second.__exit__(None, None, None)
+    with budget.hold(10_000):  # larger than the whole budget: takes all of it once the rest is free
+        pass
+
+
+def test_a_refused_image_keeps_no_reference_to_its_pixels() -> None:
+    data = images.png(2000, 2000)[:-5000]
+    import gc
+    import weakref
+
+    refs: list[weakref.ref[Image.Image]] = []
+    original = ImageFile.ImageFile.load
+
+    def tracking_load(self: ImageFile.ImageFile):
+        refs.append(weakref.ref(self))
+        return original(self)
+
+    try:
+        ImageFile.ImageFile.load = tracking_load  # type: ignore[method-assign]
+        try:
+            decode(data, ImageLimits(20_000_000, 30_000_000), 224)
+        except InvalidImage as exc:
+            kept = detached(exc)
+    finally:
+        ImageFile.ImageFile.load = original  # type: ignore[method-assign]
+    gc.disable()
+    try:
+        assert refs and all(ref() is None for ref in refs), "the refused image is still alive"
+        assert kept.__traceback__ is None and kept.__context__ is None and "truncated" in str(kept)
+    finally:
+        gc.enable()

@@ -1,0 +1,114 @@
+"""The decode pool: order and per-image errors kept, chunks handed back, calls served in turn, cancelled work dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server.decoding import DecodePool
+from server.errors import Internal, InvalidImage
+
+
+def fake_decode(data: bytes) -> np.ndarray:
+    """b"ok:N" -> a 2x2 array of N; b"bad" -> InvalidImage; b"boom" -> an unexpected error; b"slow" sleeps."""
+    if data == b"bad":
+        raise InvalidImage("not an image")
+    if data == b"boom":
+        raise RuntimeError("a bug")
+    if data.startswith(b"slow"):
+        time.sleep(0.05)
+    return np.full((2, 2), int(data.split(b":")[1]), dtype=np.uint8)
+
+
+async def decode_all(pool: DecodePool, images: list[bytes]) -> tuple[list[object], int]:
+    """Every result in input order, and how many chunks they came back in."""
+    results: list[object] = [None] * len(images)
+    chunks = 0
+    done = asyncio.Event()
+
+    def deliver(start: int, chunk: list[object]) -> None:
+        nonlocal chunks
+        chunks += 1
+        results[start : start + len(chunk)] = chunk
+        if all(r is not None for r in results):
+            done.set()
+
+    pool.submit(images, deliver)
+    await asyncio.wait_for(done.wait(), timeout=30)
+    return results, chunks
+
+
+async def test_results_keep_their_order_and_their_own_errors() -> None:
+    pool = DecodePool(fake_decode, workers=2)
+    images = [f"ok:{i}".encode() for i in range(200)]
+    images[5], images[77] = b"bad", b"boom"
+    results, chunks = await decode_all(pool, images)
+    pool.close()
+    assert isinstance(results[5], InvalidImage) and str(results[5]) == "not an image"
+    assert isinstance(results[77], Internal) and "a bug" not in str(results[77])
+    for index, result in enumerate(results):
+        if index not in (5, 77):
+            assert int(result[0, 0]) == index  # type: ignore[index]
+    assert chunks < len(images) / 4, f"{chunks} chunks for {len(images)} cheap images"
+
+
+async def test_refused_images_carry_no_traceback() -> None:
+    pool = DecodePool(fake_decode, workers=1)
+    results, _ = await decode_all(pool, [b"bad", b"boom"])
+    pool.close()
+    assert all(r.__traceback__ is None and r.__context__ is None for r in results)  # type: ignore[union-attr]
+
+
+async def test_calls_take_turns_so_a_big_call_does_not_hold_every_worker() -> None:
+    pool = DecodePool(fake_decode, workers=1)
+    order: list[str] = []
+    big_done, small_done = asyncio.Event(), asyncio.Event()
+    big = [b"slow:1"] * 40
+
+    def on_big(start: int, chunk: list[object]) -> None:
+        order.extend("big" for _ in chunk)
+        if order.count("big") == len(big):
+            big_done.set()
+
+    pool.submit(big, on_big)
+    await asyncio.sleep(0.2)  # the big call is being decoded
+    pool.submit([b"ok:1"], lambda start, chunk: (order.append("small"), small_done.set()))
+    await asyncio.wait_for(small_done.wait(), timeout=10)
+    assert order.count("big") < 15, f"the small call waited for {order.count('big')} of the big call's images"
+    await asyncio.wait_for(big_done.wait(), timeout=30)
+    pool.close()
+
+
+async def test_a_cancelled_call_drops_its_queued_images() -> None:
+    decoded: list[bytes] = []
+    lock = threading.Lock()
+
+    def counting(data: bytes) -> np.ndarray:
+        with lock:
+            decoded.append(data)
+        return fake_decode(data)
+
+    pool = DecodePool(counting, workers=1)
+    delivered: list[object] = []
+    job = pool.submit([b"slow:1"] * 100, lambda start, chunk: delivered.extend(chunk))
+    await asyncio.sleep(0.2)
+    dropped = pool.cancel(job)
+    await asyncio.sleep(0.3)
+    assert dropped > 80 and len(decoded) < 20 and pool.pending == 0
+    pool.close()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+async def test_pending_counts_images_not_yet_handed_back(workers: int) -> None:
+    pool = DecodePool(fake_decode, workers=workers)
+    release = asyncio.Event()
+    pool.submit([b"slow:1"] * 10, lambda start, chunk: release.set() if start + len(chunk) == 10 else None)
+    assert pool.pending > 0
+    await asyncio.wait_for(release.wait(), timeout=10)
+    await asyncio.sleep(0.05)
+    assert pool.pending == 0
+    pool.close()

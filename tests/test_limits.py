@@ -1,0 +1,178 @@
+"""What a caller can make the server spend: memory and decode time, bounded by bytes and pixels.
+
+Each test runs `python -m server` as a subprocess with its defaults (so its
+peak RSS is its own), loads it from this process's threads, and reads the
+server's peak and current RSS from /proc.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.server_proc import ServerProcess
+from protos.dinov2.v1 import embed_pb2 as pb
+from protos.dinov2.v1 import embed_pb2_grpc
+from tests import images
+from tests.conftest import Reference, assert_close
+
+GB = 1 << 30
+MB = 1 << 20
+BIG = [("grpc.max_send_message_length", 256 * MB), ("grpc.max_receive_message_length", 256 * MB)]
+
+
+@pytest.fixture
+def server(model_dir: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(["--model", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"],
+                       ready_timeout_s=180) as running:  # fmt: skip
+        yield running
+
+
+def rss(server: ServerProcess) -> int:
+    for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def wait_for_rss_below(server: ServerProcess, limit: int, within_s: float) -> int:
+    deadline = time.monotonic() + within_s
+    while (now := rss(server)) > limit and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return now
+
+
+def raw_embed(address: str, **channel: object) -> Callable[..., pb.EmbedResponse]:
+    """An Embed call that sends pre-serialized bytes (the client then holds one copy, not one per call)."""
+    ch = grpc.insecure_channel(address, options=BIG)
+    return ch.unary_unary("/dinov2.v1.Embed/Embed", request_serializer=None,
+                          response_deserializer=pb.EmbedResponse.FromString)  # fmt: skip
+
+
+def in_threads(count: int, work: Callable[[], str]) -> Counter[str]:
+    outcomes: list[str] = []
+    threads = [threading.Thread(target=lambda: outcomes.append(work())) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    return Counter(outcomes)
+
+
+def truncated_png(width: int, height: int) -> bytes:
+    data = images.encode(Image.new("RGBA", (width, height)), "PNG", compress_level=1)
+    return data[: len(data) // 2]
+
+
+def test_truncated_50mp_pngs_in_one_request_are_each_refused_and_memory_stays_bounded(
+    server: ServerProcess,
+) -> None:
+    data = truncated_png(7071, 7070)
+    request = pb.EmbedRequest(images=[pb.Image(data=data, id=f"t{i}") for i in range(64)])
+    response = embed_pb2_grpc.EmbedStub(grpc.insecure_channel(server.address, options=BIG)).Embed(request, timeout=300)
+    assert [e.id for e in response.embeddings] == [f"t{i}" for i in range(64)]
+    for item in response.embeddings:
+        assert item.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "truncated PNG" in item.error.message, item.error.message
+    peak = server.peak_rss_bytes()
+    assert peak < 2.5 * GB, f"peak RSS {peak / GB:.2f} GB"
+
+
+def test_concurrent_large_requests_are_answered_or_refused_within_bounded_memory(
+    server: ServerProcess, reference: Reference
+) -> None:
+    rng = np.random.default_rng(7)
+    noise = Image.fromarray(rng.integers(0, 255, (1680, 1680, 3), dtype=np.uint8))
+    png = images.encode(noise, "PNG", compress_level=1)  # ~8.5 MB: noise does not compress
+    raw = pb.EmbedRequest(images=[pb.Image(data=png, id=str(i)) for i in range(15)]).SerializeToString()
+    expected = reference.embed(png)
+    call = raw_embed(server.address)
+
+    def one() -> str:
+        try:
+            response = call(raw, timeout=300)
+        except grpc.RpcError as exc:
+            return exc.code().name
+        for item in response.embeddings:
+            assert_close(np.array(item.values, np.float32), expected, "large png")
+        return "OK"
+
+    outcomes = in_threads(32, one)
+    assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"} and outcomes["OK"] >= 1, outcomes
+    peak = server.peak_rss_bytes()
+    assert peak < 4 * GB, f"peak RSS {peak / GB:.2f} GB ({outcomes})"
+    after = wait_for_rss_below(server, int(1.5 * GB), within_s=30)
+    assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the load"
+
+
+def test_compressed_requests_are_refused_before_they_are_inflated(server: ServerProcess) -> None:
+    inflated = pb.EmbedRequest(images=[pb.Image(data=bytes(8 * MB), id=str(i)) for i in range(15)])
+    stub = embed_pb2_grpc.EmbedStub(grpc.insecure_channel(server.address, options=BIG))
+
+    def one() -> str:
+        try:
+            stub.Embed(inflated, timeout=120, compression=grpc.Compression.Gzip)
+        except grpc.RpcError as exc:
+            assert "gzip" in (exc.details() or "") or exc.code() != grpc.StatusCode.UNIMPLEMENTED
+            return exc.code().name
+        return "OK"
+
+    outcomes = Counter(name for batch in range(6) for name, n in in_threads(10, one).items() for _ in range(n))
+    assert outcomes == {"UNIMPLEMENTED": 60}, outcomes
+    peak = server.peak_rss_bytes()
+    assert peak < 3 * GB, f"peak RSS {peak / GB:.2f} GB"
+    after = wait_for_rss_below(server, int(1.5 * GB), within_s=30)
+    assert after < 1.5 * GB
+    uncompressed = stub.Embed(pb.EmbedRequest(images=[pb.Image(data=images.png())]), timeout=60)
+    assert uncompressed.embeddings[0].values
+
+
+def test_a_client_of_huge_images_does_not_starve_a_small_request(server: ServerProcess) -> None:
+    flat = images.encode(Image.new("L", (8000, 6250), 128), "WEBP", lossless=True)  # 50 MP, tiny on the wire
+    heavy = pb.EmbedRequest(images=[pb.Image(data=flat, id=str(i)) for i in range(64)])
+    heavy_call = embed_pb2_grpc.EmbedStub(grpc.insecure_channel(server.address, options=BIG)).Embed.future(
+        heavy, timeout=300
+    )
+    small = embed_pb2_grpc.EmbedStub(grpc.insecure_channel(server.address))
+    try:
+        time.sleep(1.0)  # the heavy request holds the decode workers now
+        for _ in range(5):
+            answer = small.Embed(pb.EmbedRequest(images=[pb.Image(data=images.png())]), timeout=10)
+            assert answer.embeddings[0].values
+    finally:
+        heavy_call.cancel()
+    assert server.peak_rss_bytes() < 2.5 * GB
+
+
+def test_two_thousand_connections_get_answers_or_clear_refusals(server: ServerProcess) -> None:
+    import asyncio
+
+    data = pb.EmbedRequest(images=[pb.Image(data=images.png(32, 32))])
+
+    async def one(channel: grpc.aio.Channel) -> str:
+        try:
+            await embed_pb2_grpc.EmbedStub(channel).Embed(data, timeout=120)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    async def flood() -> Counter[str]:
+        channels = [grpc.aio.insecure_channel(server.address) for _ in range(2000)]
+        try:
+            return Counter(await asyncio.gather(*(one(ch) for ch in channels)))
+        finally:
+            await asyncio.gather(*(ch.close() for ch in channels))
+
+    outcomes = asyncio.run(flood())
+    assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, outcomes
+    assert outcomes["OK"] > 0
+    assert server.peak_rss_bytes() < 2.5 * GB
