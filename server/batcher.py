@@ -117,6 +117,9 @@ class Batcher:
         self._pending: collections.deque[_Entry] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self._waiting_batch: list[_Entry] | None = None  # formed and queued behind the running one
+        self._forming: list[_Entry] = []  # taken from the queue, not yet handed to a batch task
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -124,7 +127,7 @@ class Batcher:
 
     async def close(self) -> None:
         """Stops batching; images still queued fail with `Unavailable`."""
-        for task in (self._task, self._prober):
+        for task in (self._task, self._prober, *self._batches):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -157,19 +160,36 @@ class Batcher:
         return await sink.future
 
     async def _run(self) -> None:
+        """Two batches in flight: while one runs, the next is formed, stacked and queued on the
+        compute thread, so the model goes from one batch to the next without waiting for this loop."""
+        running: asyncio.Task[None] | None = None
         while True:
-            batch = self._live(await self._collect())
-            if batch:
-                await self._run_batch(batch)
+            self._forming = await self._collect(running)
+            batch = self._live(self._forming)
+            self._forming = []
+            if not batch:
+                continue
+            queued = asyncio.get_running_loop().create_task(self._run_batch(batch, running), name="batch")
+            queued.add_done_callback(self._batch_done)
+            self._batches.add(queued)
+            if running is not None:
+                await asyncio.wait([running])
+            running = queued
 
-    async def _run_batch(self, batch: list[_Entry]) -> None:
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._wakeup.set()  # the model is free: a partial batch can go now
+
+    async def _run_batch(self, batch: list[_Entry], before: asyncio.Task[None] | None) -> None:
         pixels = np.stack([entry.pixels for entry in batch])
-        started = time.monotonic()
-        running = self._compute.submit(self._forward, pixels)
+        running = self._compute.submit(self._forward_wanted, batch, pixels)
         try:
-            output = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), self._forward_timeout_s)
-            if len(output.cls) != len(batch) or len(output.mean) != len(batch):
-                raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(batch)} images")
+            if before is not None:
+                self._waiting_batch = batch
+                await asyncio.wait([before])
+                self._waiting_batch = None
+            started = time.monotonic()
+            rows, output = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), self._forward_timeout_s)
         except asyncio.CancelledError:
             _settle_all(batch, Unavailable("server is shutting down"))
             raise
@@ -182,14 +202,36 @@ class Batcher:
             _settle_all(batch, InferenceFailed("inference failed on this image's batch; retry"))
             self._set_healthy(False)
             return
+        if len(rows) < len(batch):  # count and answer those whose caller left while the batch waited
+            kept = set(rows)
+            self._live([entry for row, entry in enumerate(batch) if row not in kept])
+        if output is None:
+            return
         elapsed = time.monotonic() - started
-        self._metrics.batch_size.observe(len(batch))
+        self._metrics.batch_size.observe(len(rows))
         self._metrics.inference_seconds.observe(elapsed)
         self._set_healthy(True)
-        for row, entry in enumerate(batch):
+        for out_row, row in enumerate(rows):
+            entry = batch[row]
             queued = started - entry.enqueued_at
             self._metrics.queue_seconds.observe(queued)
-            entry.sink.settle(entry.index, ItemOutput(output.cls[row], output.mean[row], queued, elapsed, len(batch)))
+            item = ItemOutput(output.cls[out_row], output.mean[out_row], queued, elapsed, len(rows))
+            entry.sink.settle(entry.index, item)
+
+    def _forward_wanted(self, batch: list[_Entry], pixels: np.ndarray) -> tuple[list[int], BatchOutput | None]:
+        """On the compute thread, as the batch starts: the forward pass of the images still wanted.
+
+        A batch can wait behind the running one; images whose caller left or
+        whose deadline passed meanwhile are left out here, not computed.
+        """
+        now = time.monotonic()
+        rows = [row for row, e in enumerate(batch) if e.sink.wanted() and (e.deadline is None or now < e.deadline)]
+        if not rows:
+            return rows, None
+        output = self._forward(pixels if len(rows) == len(batch) else pixels[rows])
+        if len(output.cls) != len(rows) or len(output.mean) != len(rows):
+            raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(rows)} images")
+        return rows, output
 
     async def _stall(self, batch: list[_Entry], running: Future[BatchOutput]) -> None:
         """A forward pass overran its timeout: fail its images and everything queued, refuse new
@@ -202,6 +244,8 @@ class Batcher:
         message = f"inference did not finish within {self._forward_timeout_s:g} s; retry on another server"
         _settle_all(batch, Unavailable(message))
         self._fail_pending(Unavailable(message))
+        if self._waiting_batch is not None:
+            _settle_all(self._waiting_batch, Unavailable(message))
         try:
             await asyncio.wrap_future(running)
         except Exception:
@@ -210,8 +254,9 @@ class Batcher:
             self.stalled = False
         log.warning("the overdue forward pass returned; batching again")
 
-    async def _collect(self) -> list[_Entry]:
-        """Waits for a first image, then up to max_wait after it for a full batch.
+    async def _collect(self, running: asyncio.Task[None] | None) -> list[_Entry]:
+        """Waits for a first image, then for a full batch: as long as the model is busy with
+        `running`, else up to max_wait after the first image.
 
         It stops waiting early when `more_coming()` says no other image is on
         its way (a lone request is not held back for nothing).
@@ -220,7 +265,13 @@ class Batcher:
             self._wakeup.clear()
             await self._wakeup.wait()
         flush_at = self._pending[0].enqueued_at + self._max_wait_s
-        while len(self._pending) < self._max_batch_size and self._more_coming():
+        while len(self._pending) < self._max_batch_size:
+            if running is not None and not running.done():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if not self._more_coming():
+                break
             remaining = flush_at - time.monotonic()
             if remaining <= 0:
                 break
@@ -261,14 +312,16 @@ class Batcher:
         if task.cancelled() or task.exception() is None:
             return
         log.error("the batcher stopped on an unexpected error: NOT_SERVING", exc_info=task.exception())
-        self._fail_pending(Unavailable("inference worker stopped; retry on another server"))
+        stopped = Unavailable("inference worker stopped; retry on another server")
+        _settle_all(self._forming, stopped)
+        self._fail_pending(stopped)
         self._healthy = False
         self._on_health(False)
 
     def _set_healthy(self, healthy: bool) -> None:
         """Reports changes; while unhealthy, a prober retries a forward pass until one succeeds."""
-        if healthy == self._healthy:
-            return
+        if healthy == self._healthy or (healthy and self._task is not None and self._task.done()):
+            return  # no change, or a batcher that died stays unhealthy
         self._healthy = healthy
         self._on_health(healthy)
         if not healthy and self._probe is not None and (self._prober is None or self._prober.done()):

@@ -144,7 +144,7 @@ async def test_a_forward_pass_past_its_timeout_fails_its_images_and_turns_health
     health: list[bool] = []
     batcher = await started(model, health, max_wait_ms=0.0, forward_timeout_s=0.3)
     model.delay_s = 1.0  # a stuck device
-    with pytest.raises(Unavailable, match="did not finish within 0.3 s"):
+    with pytest.raises(Unavailable, match=r"did not finish within 0\.3 s"):
         await batcher.submit(image(1))
     assert health == [False] and batcher.stalled
     with pytest.raises(Unavailable, match="stuck"):
@@ -165,16 +165,18 @@ async def test_a_batcher_that_dies_is_logged_and_reported_unhealthy(caplog: pyte
     busy = asyncio.ensure_future(batcher.submit(image(1)))
     await asyncio.sleep(0.05)
 
-    async def broken() -> list[object]:
+    async def broken(*args: object) -> list[object]:
         raise RuntimeError("batcher bug")
 
     batcher._collect = broken  # type: ignore[method-assign]
-    waiting = asyncio.ensure_future(batcher.submit(image(2)))
-    await busy  # the batch in flight still finishes; the next collect raises
-    with pytest.raises(Unavailable, match="inference worker stopped"):
-        await asyncio.wait_for(waiting, timeout=5)
+    answered = await asyncio.gather(busy, batcher.submit(image(2)))  # batches already formed still run
+    assert [float(out.cls[0]) for out in answered] == [1, 2]
+    for _ in range(100):
+        if health:
+            break
+        await asyncio.sleep(0.02)
     assert health == [False]
     assert any("batcher stopped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable, match="not running"):
         await batcher.submit(image(3))
     await batcher.close()

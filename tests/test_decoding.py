@@ -1,4 +1,4 @@
-"""The decode pool: order and per-image errors kept, chunks handed back, calls served in turn, cancelled work dropped."""
+"""The decode pool: order and per-image errors kept, chunks handed back, calls take turns, cancelled work dropped."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def test_a_stream_cancelled_midway_sends_nothing_more_to_the_model(make_server, 
     call.cancel()
     wait_for(lambda: server.metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) >= 28)
     wait_for(lambda: server.metrics.value("dinov2_queue_depth") == 0)
-    assert controlled.images_seen - seen_before <= 12  # the first batch, and at most two more in flight
+    assert controlled.images_seen - seen_before <= 12  # the first batch, and at most the two more in flight
 
 
 def test_images_whose_deadline_passed_are_counted_as_deadline_not_cancelled(make_server, runner) -> None:

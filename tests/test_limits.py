@@ -7,7 +7,6 @@ server's peak and current RSS from /proc.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections import Counter
