@@ -184,7 +184,7 @@ class Job:
         manifest = manifest.with_updates(complete=True, rows=tally.rows, failed=len(tally.failed))
         self.store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))
         elapsed = time.monotonic() - started
-        return self._summary(tally, manifest, elapsed, embedded, failed, selector)
+        return self._summary(tally, manifest, elapsed, embedded, failed, len(done), selector)
 
     def _dataset(self, paths: list[str], selector: inputs.Selector, resources: Resources,
                  described: Described, done: set[str]) -> Any:  # fmt: skip
@@ -236,12 +236,12 @@ class Job:
     # ------------------------------------------------------------------ the summary
 
     def _summary(self, tally: Tally, manifest: Manifest, elapsed: float, embedded: int, failed: int,
-                 selector: inputs.Selector) -> int:  # fmt: skip
+                 before: int, selector: inputs.Selector) -> int:  # fmt: skip
         rows_ok = tally.rows - len(tally.failed)
         ran = embedded + failed
         self.say(f"embedded {rows_ok} of {tally.rows} images (dim {manifest.identity.dim}) in {elapsed:.2f} s, "
                  f"{ran / max(elapsed, 1e-9):.1f} images/s -> {self.spec.out}")  # fmt: skip
-        details = [f"this run: {embedded} embedded, {failed} failed, {selector.skipped_done} done before"]
+        details = [f"this run: {embedded} embedded, {failed} failed, {before} written before"]
         if selector.non_images:
             details.append(f"{selector.non_images} non-image files skipped")
         if tally.duplicates_removed:
