@@ -88,6 +88,7 @@ class Job:
         self.spec = spec
         self.stderr = stderr
         self.store = Store(spec.out)
+        self.timeline: list[tuple[float, int]] = []  # (time.monotonic(), rows) as the write stage hands them on
 
     def say(self, text: str) -> None:
         print(text, file=self.stderr, flush=True)
@@ -180,6 +181,7 @@ class Job:
                 bad = int(sum(1 for code in batch["error_code"] if code))
                 failed += bad
                 embedded += len(batch["error_code"]) - bad
+                self.timeline.append((time.monotonic(), len(batch["error_code"])))
         tally = self.store.finish()
         manifest = manifest.with_updates(complete=True, rows=tally.rows, failed=len(tally.failed))
         self.store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))
@@ -205,6 +207,10 @@ class Job:
             batch_size=16,
             fn_kwargs={"image_size": described.image_size, "limits": limits_of(settings), "done": archived},
             num_cpus=1,
+            # What one decode may take (the largest image allowed, RGB and gray, plus the batch's files). Declaring
+            # it also keeps Ray from fusing the decode tasks into the embed actors, where decoding would wait for
+            # the model. Ray Data restarts a dead actor and retries its batches by default.
+            memory=4 * settings.max_image_pixels + (64 << 20),
         )
         embedded = decoded.map_batches(
             EmbedActor,
@@ -220,10 +226,6 @@ class Job:
             compute=ray.data.ActorPoolStrategy(size=resources.actors),
             num_gpus=resources.gpus_per_actor,
             num_cpus=resources.cpus_per_actor,
-            # Ray Data's defaults, said out loud: a dead actor is restarted and its batches retried. Stating them
-            # also keeps Ray from fusing the decode tasks into the actors, where decoding would wait for the model.
-            max_restarts=-1,
-            max_task_retries=-1,
         )
         return embedded.map_batches(
             write_batch,
