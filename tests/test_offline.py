@@ -66,7 +66,17 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, b
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20)
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20)
+            break
+        except RuntimeError:
+            # Seen once on this machine: Ray forks its GCS server and runs Python in the child before exec; when
+            # another thread of this (multi-threaded) pytest process held a lock at the fork, the child hangs
+            # and ray.init times out. The hung child is a copy of this process: end it, start again.
+            _end_forked_copies()
+            if attempt == 2:
+                raise
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -246,16 +256,35 @@ def _snapshot(out: Path) -> dict[str, int]:
 def _ray_children(pid: int) -> list[int]:
     """Processes whose parent is `pid` and whose command line names ray."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for child in _children(pid):
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
+            if b"ray" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:
             continue
-        if ppid == pid and b"ray" in cmdline:
-            found.append(int(entry.name))
+    return found
+
+
+def _end_forked_copies() -> None:
+    """Kills children of this process that are still copies of it (forked, never exec'd)."""
+    own = Path("/proc/self/cmdline").read_bytes()
+    for pid in _children(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == own:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
     return found
 
 
