@@ -25,6 +25,7 @@ from offline.manifest import Identity, Manifest, ManifestMismatch
 from offline.stages import EmbedActor, Fault, decode_batch, limits_of, write_batch
 from offline.store import MANIFEST, Store, Tally
 from server.config import Settings
+from server.errors import ModelLoadError
 from server.model import Pooling
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 3
@@ -76,7 +77,10 @@ def _describe(settings: Settings) -> Described:
 
     device = resolve_device(settings.device)
     dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
-    config = AutoConfig.from_pretrained(settings.model, revision=settings.revision)
+    try:
+        config = AutoConfig.from_pretrained(settings.model, revision=settings.revision)
+    except OSError as exc:
+        raise ModelLoadError.cannot_load(settings.model, exc) from None
     image_size = normalization_of(configured_processor(settings.model, settings.revision)).image_size
     return Described(device.type, dtype, int(config.hidden_size), image_size)
 
@@ -109,11 +113,20 @@ class Job:
         except (UsageError, ManifestMismatch) as exc:
             self.say(f"error: {exc}")
             return EXIT_USAGE
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ModelLoadError):
+                self.say(f"error: {exc.cause}")
+                return EXIT_USAGE
+            self.say(f"error: the job stopped before any work: {exc}")
+            return EXIT_JOB_FAILED
         except (ray.exceptions.RayError, OSError) as exc:
             self.say(f"error: the job stopped before any work: {exc}")
             return EXIT_JOB_FAILED
         try:
             return self._run(paths, resources, described, manifest)
+        except UsageError as exc:
+            self.say(f"error: {exc}")
+            return EXIT_USAGE
         except ray.exceptions.RayError as exc:
             self.say(f"error: the job stopped: {exc}\nwhat is written stays in {self.spec.out}; "
                      "run the same command again to go on")  # fmt: skip
@@ -196,10 +209,10 @@ class Job:
         settings = self.spec.settings
         try:
             files = ray.data.read_binary_files(paths, include_paths=True, partition_filter=selector)
-        except ValueError:
+        except ValueError as exc:  # Ray found no files
             if selector.listed and not selector.kept:  # our filter left nothing: all done
                 return None
-            raise
+            raise UsageError(str(exc)) from None
         actor_settings = _actor_settings(settings, described)
         archived = frozenset(i for i in done if _in_archive(i))
         decoded = files.map_batches(

@@ -169,6 +169,16 @@ def test_a_second_run_skips_everything_and_another_model_is_refused(
     assert _snapshot(out) == before and (out / "manifest.json").read_text() == manifest
 
 
+def test_a_missing_model_or_an_empty_folder_is_a_usage_error(local_ray: None, model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.png").write_bytes(images.png())
+    status, report = _run(_spec(tmp_path / "one", tmp_path / "out", tmp_path / "no-such-model"))
+    assert status == EXIT_USAGE and "cannot load model" in report, report
+    status, report = _run(_spec(tmp_path / "empty", tmp_path / "out2", model_dir))
+    assert status == EXIT_USAGE and "No files found" in report, report
+
+
 def test_an_embed_actor_killed_mid_job_still_leaves_one_row_per_id(
     local_ray: None, dataset: tuple[Path, dict[str, bytes]], model_dir: Path,
     first_run: tuple[Path, int, str], tmp_path: Path,
