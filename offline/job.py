@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from offline import sources as inputs
+from offline.embed import EmbedActor
 from offline.manifest import Identity, Manifest, ManifestMismatch
-from offline.stages import EmbedActor, Fault, decode_batch, limits_of, write_batch
+from offline.stages import Fault, decode_batch, limits_of, write_batch
 from offline.store import MANIFEST, Store, Tally
 from server.config import Settings
 from server.errors import ModelLoadError
@@ -220,10 +221,10 @@ class Job:
             batch_size=16,
             fn_kwargs={"image_size": described.image_size, "limits": limits_of(settings), "done": archived},
             num_cpus=1,
-            # What one decode may take (the largest image allowed, RGB and gray, plus the batch's files). Declaring
+            # What one decode worker may take (a Python worker, the largest image allowed in RGB and gray). Declaring
             # it also keeps Ray from fusing the decode tasks into the embed actors, where decoding would wait for
             # the model. Ray Data restarts a dead actor and retries its batches by default.
-            memory=4 * settings.max_image_pixels + (64 << 20),
+            memory=4 * settings.max_image_pixels + (256 << 20),
         )
         embedded = decoded.map_batches(
             EmbedActor,

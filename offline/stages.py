@@ -1,17 +1,16 @@
-"""The job's three Ray Data stages after the read: decode (tasks), embed (an actor class), write (tasks).
+"""The job's task stages: decode (before the embed actors, offline/embed.py) and write (after them).
 
 Rows between stages are numpy batches with `id` and `error_code` / `error`
 (empty strings when the image is fine). A bad image is a row with an error
 from the decode stage on; no stage raises for one image, so no batch fails
-because of one. The decode and embed stages call exactly what the gRPC
-service calls per image (server/service.py `_embed_one`): `decode`, then
-`ModelRunner.embed` on a batch, then `pool` per image.
+because of one. Decoding is exactly the gRPC service's (server/service.py
+`_embed_one`): `server.preprocess.decode`. This module does not import
+PyTorch, so the decode and write workers stay small.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import os
 import tarfile
 from collections.abc import Container, Iterator
@@ -23,10 +22,7 @@ from offline.sources import is_archive_name, is_image_name
 from offline.store import Store
 from server.config import Settings
 from server.errors import InvalidImage
-from server.model import ModelRunner, Pooling, pool
 from server.preprocess import ImageLimits, decode
-
-log = logging.getLogger(__name__)
 
 INVALID_ARGUMENT, INTERNAL = "INVALID_ARGUMENT", "INTERNAL"  # the gRPC service's codes for these failures
 _CHUNK_ROWS = 64  # decode output rows per yielded batch: a tar shard streams out in pieces
@@ -127,51 +123,6 @@ def _members(path: str, data: bytes, done: Container[str]) -> Iterator[tuple[str
     except (OSError, tarfile.TarError, EOFError) as exc:
         if path not in done:
             yield path, f"not a readable tar archive (after {members} members): {exc}"
-
-
-class EmbedActor:
-    """One actor of the embed stage: a `ModelRunner` loaded once, batches of pixels in, embeddings out.
-
-    `threads` sets PyTorch's thread count on the runner's compute thread: Ray
-    starts workers with OMP_NUM_THREADS = the actor's logical CPUs (1), which
-    on a CPU-only node would leave the other cores idle.
-    """
-
-    def __init__(
-        self, settings: Settings, pooling: str, normalize: bool, threads: int = 0, fault: Fault | None = None
-    ) -> None:
-        if threads > 0:
-            import torch
-
-            from server.runtime import shared_compute_thread
-
-            shared_compute_thread().run(torch.set_num_threads, threads)
-        self.runner = ModelRunner.load(settings)
-        self.runner.warmup()
-        self.pooling = Pooling(pooling)
-        self.normalize = normalize
-        self.dim = self.runner.embedding_dim * (2 if self.pooling is Pooling.CLS_MEAN else 1)
-        self.fault = fault
-        self.batches = 0
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        codes = np.array(batch["error_code"], dtype=object)
-        errors = np.array(batch["error"], dtype=object)
-        embeddings = np.zeros((len(codes), self.dim), np.float32)
-        ok = np.flatnonzero(codes == "")
-        if ok.size:
-            try:
-                out = self.runner.embed(np.ascontiguousarray(batch["pixels"][ok], dtype=np.uint8))
-            except Exception as exc:  # the service's InferenceFailed: this batch's images fail, the job goes on
-                log.exception("forward pass failed on a batch of %d images", ok.size)
-                codes[ok], errors[ok] = INTERNAL, f"inference failed on this image's batch: {type(exc).__name__}"
-            else:
-                for row, index in enumerate(ok):
-                    embeddings[index] = pool(out.cls[row], out.mean[row], self.pooling, self.normalize)
-        self.batches += 1
-        if self.fault is not None:
-            self.fault.maybe_die("embed", self.batches)
-        return {"id": batch["id"], "embedding": embeddings, "error_code": codes, "error": errors}
 
 
 def write_batch(batch: dict[str, np.ndarray], store: Store, fault: Fault | None = None) -> dict[str, np.ndarray]:
