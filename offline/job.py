@@ -95,6 +95,11 @@ class Job:
         self.store = Store(spec.out)
         self.timeline: list[tuple[float, int]] = []  # (time.monotonic(), rows) as the write stage hands them on
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The sources as recorded and compared: `photos/` and `photos` are the same argument."""
+        return tuple(s if inputs.is_uri(s) else os.path.normpath(s) for s in self.spec.sources)
+
     def say(self, text: str) -> None:
         print(text, file=self.stderr, flush=True)
 
@@ -171,12 +176,12 @@ class Job:
         elif text is not None:
             previous = Manifest.from_text(text, f"{spec.out}/{MANIFEST}")
             try:
-                previous.check_resumable(identity, spec.sources)
+                previous.check_resumable(identity, self.sources)
             except ManifestMismatch as exc:
                 raise ManifestMismatch(f"cannot continue {spec.out}: {exc}; give --overwrite to start again, "
                                        "or write to another folder") from None  # fmt: skip
             return previous
-        manifest = Manifest(identity, spec.sources)
+        manifest = Manifest(identity, self.sources)
         store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))
         return manifest
 
