@@ -196,6 +196,9 @@ class Job:
         dataset = self._dataset(paths, selector, resources, described, done)
         embedded, failed = 0, 0
         if dataset is not None:
+            if manifest.complete:  # new files under the same sources: not complete until this run ends
+                manifest = manifest.with_updates(complete=False)
+                self.store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 bad = int(sum(1 for code in batch["error_code"] if code))
                 failed += bad
