@@ -2,10 +2,12 @@
 #   docker build --platform linux/amd64 --build-arg MODEL=facebook/dinov2-small -t USER/dinov2-embed:TAG .
 #   docker run --gpus all USER/dinov2-embed:TAG                                    # RunPod worker
 #   docker run --gpus all -p 50051:50051 USER/dinov2-embed:TAG python -m server    # gRPC server
+#   --build-arg RAY_VERSION=2.60.0 adds Ray Data: the same image then runs `python -m offline` on a Ray cluster.
 FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 
 ARG MODEL=facebook/dinov2-small
 ARG MODEL_REVISION=main
+ARG RAY_VERSION=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -18,6 +20,7 @@ WORKDIR /app
 # Dependencies first: rebuilt only when the pins change.
 COPY deploy/requirements.txt deploy/requirements.txt
 RUN pip install --no-cache-dir -r deploy/requirements.txt \
+    && if [ -n "${RAY_VERSION}" ]; then pip install --no-cache-dir "ray[data]==${RAY_VERSION}"; fi \
     && useradd --create-home --uid 10001 --user-group embed
 
 # Weights next, baked in at build time: rebuilt only when the model or the download step changes.
@@ -29,6 +32,7 @@ COPY pyproject.toml README.md runpod_handler.py test_input.json ./
 COPY protos/ protos/
 COPY server/ server/
 COPY client/ client/
+COPY offline/ offline/
 RUN pip install --no-cache-dir --no-deps .
 
 USER 10001:10001
