@@ -299,15 +299,17 @@ class ModelRunner:
         both = torch.cat((cls_token.float(), patch_mean), dim=1).cpu().numpy()  # one copy back, not two
         return BatchOutput(cls=both[:, : self.embedding_dim], mean=both[:, self.embedding_dim :])
 
-    def _measured_rate(self, size: int) -> float | None:
-        """Images/s of batches of `size` (one pass to warm up, then three); None when it does not fit."""
+    def _measured_rate(self, size: int, seconds: float = 0.25) -> float | None:
+        """Images/s of batches of `size` (one pass to warm up, then at least three and `seconds`);
+        None when it does not fit. A fast model's passes take a millisecond: a few are noise."""
         pixels = np.zeros((size, self.image_size, self.image_size), dtype=np.uint8)
         try:
             self._forward_batch(pixels)
-            started = time.perf_counter()
-            for _ in range(3):
+            passes, started = 0, time.perf_counter()
+            while passes < 3 or time.perf_counter() - started < seconds:
                 self._forward_batch(pixels)  # its copy back to the host waits for the device
-            return 3 * size / (time.perf_counter() - started)
+                passes += 1
+            return passes * size / (time.perf_counter() - started)
         except torch.OutOfMemoryError:
             pass
         torch.cuda.empty_cache()
