@@ -2,6 +2,7 @@
 
     python -m bench --size small --dtype bfloat16 --json out.json
     python -m bench --smoke --json smoke.json      # seconds, tiny model (CI)
+    python -m bench --host-path                    # the host path alone: null model, decode vs server
 
 Raw, service and seed-style are measured in alternating rounds while the
 server is up, and each path's best round is reported: on a shared machine a
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import ablation, driver, flops, machine, paths, report
+from bench import ablation, driver, flops, host_path, machine, paths, report
 from bench.images import gray_jpegs
 from bench.server_proc import ServerProcess
 from server.config import Settings
@@ -34,6 +35,10 @@ SMOKE = {
     "window": 4, "seed_images": 4, "unary_calls": 5, "distinct_images": 8, "matmul_seconds": 0.1,
     "ablate_seconds": 0.3, "rounds": 1,
 }  # fmt: skip
+HOST_SMOKE = {
+    "distinct_images": 8, "request_images": 4, "window": 4, "rounds": 1, "decode_seconds": 0.2,
+    "server_seconds": 0.3,
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,10 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-sizes", default="1,4,8,16,32", help="raw: batch sizes to try")
     p.add_argument("--raw-seconds", type=float, default=4.0, help="raw: seconds per batch size and per round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating raw / service / seed-style rounds")
+    p.add_argument("--rounds", type=int, help="alternating raw / service / seed-style rounds (3; --host-path 2)")
     p.add_argument("--service-seconds", type=float, default=15.0, help="service: about this long per round")
     p.add_argument("--service-images", type=int, default=0, help="service: images per round (overrides seconds)")
-    p.add_argument("--request-images", type=int, default=8, help="service: images per EmbedRequest")
+    p.add_argument("--request-images", type=int, help="service: images per EmbedRequest (8; --host-path 32)")
     p.add_argument("--window", type=int, default=16, help="service: requests in flight on the stream")
     p.add_argument("--max-batch-size", type=int, default=0, help="server's --max-batch-size (0: raw's best)")
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag: --server-arg=--max-wait-ms=2")
@@ -62,9 +67,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ablate-seconds", type=float, default=12.0, help="ablation: seconds per step")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--smoke", action="store_true", help="seconds-long check of the machinery (tiny model)")
+    p.add_argument(
+        "--host-path",
+        action="store_true",
+        help="only the host path: decode rate per thread vs the server's rate with the null model",
+    )
+    p.add_argument("--server-tree", help="--host-path: run `python -m server` (and its decode) from this checkout")
+    p.add_argument("--decode-seconds", type=float, default=5.0, help="--host-path: decode seconds per round")
+    p.add_argument("--server-seconds", type=float, default=10.0, help="--host-path: server seconds per round")
     args = p.parse_args(argv)
+    args.request_images = args.request_images or (32 if args.host_path else 8)
+    args.rounds = args.rounds or (2 if args.host_path else 3)
     if args.smoke:
-        for key, value in SMOKE.items():
+        for key, value in (HOST_SMOKE if args.host_path else SMOKE).items():
             setattr(args, key, value)
     args.seed_images = min(args.seed_images, args.distinct_images)
     return args
@@ -235,9 +250,12 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dinov2-bench-") as tmp:
-        model_dir = args.model or str(build_model_dir(Path(tmp) / args.size, args.size))
-        result = run(args, model_dir)
-    print(report.table(result))
+        if args.host_path:
+            result = host_path.run(args, str(build_model_dir(Path(tmp) / "null", "null")))
+        else:
+            model_dir = args.model or str(build_model_dir(Path(tmp) / args.size, args.size))
+            result = run(args, model_dir)
+    print(host_path.table(result) if args.host_path else report.table(result))
     if args.json:
         report.write_json(result, args.json)
     return result

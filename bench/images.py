@@ -1,4 +1,4 @@
-"""The benchmark's input: distinct 512x512 grayscale JPEGs, made in memory."""
+"""The benchmark's input: distinct grayscale JPEGs and PNGs, made in memory."""
 
 from __future__ import annotations
 
@@ -10,16 +10,34 @@ from PIL import Image
 
 def gray_jpeg(seed: int, size: int = 512, quality: int = 90) -> bytes:
     """A photo-like grayscale JPEG: gradients, blocks and noise, different for each seed."""
+    return _encode(_photo(seed, size), "JPEG", quality=quality)
+
+
+def gray_png(seed: int, size: int = 64) -> bytes:
+    """The same photo-like picture as a grayscale PNG."""
+    return _encode(_photo(seed, size), "PNG")
+
+
+def _photo(seed: int, size: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     wave = 96 * np.sin(x / size * (2 + seed % 7) * np.pi) * np.cos(y / size * (1 + seed % 5) * np.pi)
     blocks = 60 * (((x // (13 + seed % 11)) + (y // (17 + seed % 13))) % 2)
     pixels = 100 + wave + blocks + rng.normal(0, 10, (size, size))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+
+
+def _encode(img: Image.Image, fmt: str, **options: object) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").save(buf, "JPEG", quality=quality)
+    img.save(buf, fmt, **options)
     return buf.getvalue()
 
 
 def gray_jpegs(count: int, size: int = 512) -> list[bytes]:
     """`count` distinct JPEGs."""
     return [gray_jpeg(seed, size) for seed in range(count)]
+
+
+def gray_pngs(count: int, size: int = 64) -> list[bytes]:
+    """`count` distinct PNGs."""
+    return [gray_png(seed, size) for seed in range(count)]

@@ -29,8 +29,9 @@ SERVER_SAMPLES = (
 class ServerProcess:
     """`with ServerProcess(args) as server:` -> server.address once the engine is warmed up."""
 
-    def __init__(self, args: list[str], ready_timeout_s: float = 600.0) -> None:
+    def __init__(self, args: list[str], ready_timeout_s: float = 600.0, tree: Path = REPO) -> None:
         self.args = args
+        self.tree = tree  # the checkout whose `python -m server` runs (another commit's, to compare)
         self.ready_timeout_s = ready_timeout_s
         self.lines: list[str] = []
         self.port: int | None = None
@@ -41,7 +42,7 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "server", *self.args],
-            cwd=REPO,
+            cwd=self.tree,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

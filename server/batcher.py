@@ -90,7 +90,8 @@ class Batcher:
         self,
         forward: Forward,
         *,
-        max_batch_size: int,
+        max_batch_size: int = 16,
+        batch_limit: Callable[[], int] | None = None,
         max_wait_ms: float,
         metrics: Metrics,
         compute: ComputeThread | None = None,
@@ -101,7 +102,8 @@ class Batcher:
         more_coming: Callable[[], bool] = lambda: True,
     ) -> None:
         self._forward = forward
-        self._max_batch_size = max_batch_size
+        # Read each time a batch is formed: the runner lowers it after running out of device memory.
+        self._batch_limit = batch_limit or (lambda: max_batch_size)
         self._max_wait_s = max_wait_ms / 1000.0
         self._metrics = metrics
         self._own_compute = compute is None
@@ -265,7 +267,8 @@ class Batcher:
             self._wakeup.clear()
             await self._wakeup.wait()
         flush_at = self._pending[0].enqueued_at + self._max_wait_s
-        while len(self._pending) < self._max_batch_size:
+        limit = self._batch_limit()
+        while len(self._pending) < limit:
             if running is not None and not running.done():
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -281,7 +284,7 @@ class Batcher:
                     await self._wakeup.wait()
             except TimeoutError:
                 break
-        count = min(len(self._pending), self._max_batch_size)
+        count = min(len(self._pending), limit)
         batch = [self._pending.popleft() for _ in range(count)]
         self._metrics.queue_depth.set(len(self._pending))
         return batch

@@ -11,11 +11,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server import batch_size
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def int_or_auto(raw: object) -> int | str:
+    """A flag or variable that takes a positive int or the word auto."""
+    text = str(raw).strip().lower()
+    return "auto" if text == "auto" else int(text)
 
 
 def _opt(default: Any, help: str, env: str | None = None, secret: bool = False, **extra: Any) -> Any:
@@ -32,7 +40,12 @@ class Settings:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
     host: str = _opt("0.0.0.0", "Address the gRPC server listens on.")
     port: int = _opt(50051, "gRPC port (0 picks a free one).")
-    max_batch_size: int = _opt(16, "Most images in one forward pass (16 is best on CPU; raise it on a GPU).")
+    max_batch_size: int | str = _opt(
+        "auto",
+        "Most images in one forward pass; auto = 16 on CPU, measured at start on a GPU.",
+        parse=int_or_auto,
+        kind_name="int or auto",
+    )
     max_wait_ms: float = _opt(5.0, "Longest an image waits for a batch to fill.")
     max_queue_images: int = _opt(1024, "Images accepted but not yet answered; beyond it RESOURCE_EXHAUSTED.")
     max_images_per_request: int = _opt(256, "Most images in one EmbedRequest.")
@@ -67,7 +80,8 @@ class Settings:
     hub_timeout_s: float = _opt(5.0, "How long the start waits for the Hugging Face Hub to answer before giving up.")
 
     def __post_init__(self) -> None:
-        positive = ("max_batch_size", "max_queue_images", "max_images_per_request", "max_image_bytes",
+        object.__setattr__(self, "max_batch_size", batch_size.parse(self.max_batch_size))
+        positive = ("max_queue_images", "max_images_per_request", "max_image_bytes",
                     "max_image_pixels", "max_request_bytes", "max_inflight_bytes", "max_decode_pixels",
                     "max_concurrent_rpcs", "max_receiving_requests", "stream_window", "runpod_concurrency")  # fmt: skip
         for name in positive:
@@ -107,8 +121,12 @@ def _env_name(f: dataclasses.Field[Any]) -> str:
     return f.metadata.get("env") or f.name.upper()
 
 
-def _kind(f: dataclasses.Field[Any]) -> type:
-    return {"int": int, "float": float}.get(str(f.type), str)
+def _kind(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    return f.metadata.get("parse") or {"int": int, "float": float}.get(str(f.type), str)
+
+
+def _kind_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("kind_name") or getattr(_kind(f), "__name__", "value")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,7 +162,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         try:
             values[f.name] = kind(raw)
         except ValueError:
-            raise SystemExit(f"error: {_env_name(f)}={raw!r} is not a valid {kind.__name__}") from None
+            raise SystemExit(f"error: {_env_name(f)}={raw!r} is not a valid {_kind_name(f)}") from None
         choices = f.metadata.get("choices")
         if choices and values[f.name] not in choices:
             raise SystemExit(f"error: {_env_name(f)} must be one of {', '.join(choices)}, not {raw!r}")

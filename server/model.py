@@ -1,28 +1,38 @@
 """The model runner: a batch of resized grayscale pixels in, pooled embeddings out.
 
-It knows nothing of requests or transports. It is loaded once, called from
-one thread at a time (the batcher's), and returns float32 numpy arrays.
+It knows nothing of requests or transports. It is loaded once, runs all of
+its PyTorch work on its compute thread, and returns float32 numpy arrays.
 The fast paths of server/fastpath.py are applied at load (`FastPaths`); each
-keeps the float32 parity with the reference pipeline.
+keeps the float32 parity with the reference pipeline. Batches go to the
+device through pinned buffers (server/staging.py); the batch limit is
+resolved at load (`--max-batch-size auto`, server/batch_size.py) and lowered
+for good when a CUDA batch runs out of memory, after splitting that batch.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from server import fastpath
+from server import batch_size, fastpath
 from server.config import Settings
 from server.errors import ModelLoadError
 from server.preprocess import Normalization, configured_processor, normalization_of
 from server.runtime import ComputeThread, shared_compute_thread, tune_malloc
 from server.source import check_supported, locate
+from server.staging import Staging
 
 log = logging.getLogger(__name__)
+
+Pixels = np.ndarray | Sequence[np.ndarray]
+"""A batch of uint8 grayscale images: one [B, S, S] array, or B arrays of [S, S]."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,6 +119,7 @@ class ModelRunner:
         dtype: torch.dtype,
         fast: FastPaths | None = None,
         compute: ComputeThread | None = None,
+        max_batch_size: int | str = "auto",
     ) -> None:
         self.fast = fast or FastPaths()
         self.norm = norm
@@ -123,6 +134,12 @@ class ModelRunner:
         self._compute = compute or shared_compute_thread()
         self.model: torch.nn.Module = self._compute.run(self._prepare, model)
         self._forward = torch.compile(self.model, dynamic=True) if self.fast.compile else self.model
+        self._staging = Staging(device, norm.image_size)
+        self._configured_batch = batch_size.parse(max_batch_size)
+        self._oom_limit: int | None = None  # set when a batch ran out of device memory
+        self._warmed = False
+        if self._configured_batch == "auto":
+            log.debug("max batch size auto: %d", self.auto_batch_size)  # on CUDA measured now, not on a request
 
     def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Applies the fast paths and casts and moves the model (on the compute thread).
@@ -176,13 +193,13 @@ class ModelRunner:
             )
         except OSError as exc:
             raise ModelLoadError.cannot_load(settings.model, exc) from None
-        runner = cls(model, norm, device, dtype, fast, compute)
+        runner = cls(model, norm, device, dtype, fast, compute, settings.max_batch_size)
         log.info(
             "loaded %s (revision %s): dim %d, image %dx%d, dtype %s (asked %s), device %s (asked %s), "
-            "attention %s, compile %s",
+            "attention %s, compile %s, max batch %d (asked %s)",
             settings.model, settings.revision or "default", runner.embedding_dim, norm.image_size,
             norm.image_size, runner.dtype_name, settings.dtype, device, settings.device,
-            runner.attention, fast.compile,
+            runner.attention, fast.compile, runner.max_batch_size, settings.max_batch_size,
         )  # fmt: skip
         return runner
 
@@ -199,39 +216,120 @@ class ModelRunner:
     def image_size(self) -> int:
         return self.norm.image_size
 
-    def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
+    @property
+    def max_batch_size(self) -> int:
+        """The most images this runner takes in one forward pass (the setting it was loaded with)."""
+        return self.batch_limit(self._configured_batch)
+
+    def batch_limit(self, configured: int | str = "auto") -> int:
+        """The batch limit for a batch-size setting: `auto` resolved for this device, lowered after an OOM."""
+        size = self.auto_batch_size if configured == "auto" else int(configured)
+        return min(size, self._oom_limit) if self._oom_limit is not None else size
+
+    @functools.cached_property
+    def auto_batch_size(self) -> int:
+        """16 on a CPU; on a CUDA device, measured once (server/batch_size.py)."""
+        if self.device.type != "cuda":
+            return batch_size.CPU_BATCH_SIZE
+        return self._compute.run(batch_size.choose, self._measured_rate)
+
+    def pixel_values(self, pixels: Pixels) -> torch.Tensor:
         """uint8 [B, S, S] grayscale -> the model's input in its dtype, on its device.
 
         With the folded input that is the pixels as they are, [B, 1, S, S];
-        otherwise replicated and normalized, [B, 3, S, S].
+        otherwise replicated and normalized, [B, 3, S, S]. The copy to the
+        device goes through a pinned buffer and does not wait (server/staging.py).
         """
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).unsqueeze(1)
+        x = self._staging.to_device(pixels).unsqueeze(1)
         if self.fast.fold_input:
             return x.float()  # the folded conv runs in float32
         x = (x.float() * self.norm.rescale - self._mean) / self._std
         return x.to(self.dtype)
 
-    def embed(self, pixels: np.ndarray) -> BatchOutput:
-        """Runs one forward pass over a batch of resized grayscale images, on the compute thread."""
+    def embed(self, pixels: Pixels) -> BatchOutput:
+        """Runs a batch of resized grayscale images through the model, on the compute thread.
+
+        On CUDA a batch that runs out of memory is split and its parts run in
+        turn (halving again as needed), and the batch limit is lowered to the
+        size that fits for the rest of the run; only an image that does not
+        fit alone fails.
+        """
         return self._compute.run(self._embed, pixels)
 
+    def _embed(self, pixels: Pixels) -> BatchOutput:
+        count, start = len(pixels), 0
+        limit_before = self._oom_limit
+        parts: list[BatchOutput] = []
+        while start < count:
+            size = min(count - start, self._oom_limit or count)
+            output = self._forward_or_oom(pixels[start : start + size], splittable=size > 1)
+            if output is None:
+                self._oom_limit = size // 2
+                continue
+            parts.append(output)
+            start += size
+        if self._oom_limit != limit_before:
+            log.warning("CUDA out of memory on a batch of %d images: split and retried; batches are limited to %d "
+                        "images from now on", count, self._oom_limit)  # fmt: skip
+        if len(parts) == 1:
+            return parts[0]
+        return BatchOutput(np.concatenate([p.cls for p in parts]), np.concatenate([p.mean for p in parts]))
+
+    def _forward_or_oom(self, pixels: Pixels, splittable: bool) -> BatchOutput | None:
+        """One forward pass; None when it ran out of memory and the batch can be split.
+
+        The error is dropped before memory is freed: its traceback holds the
+        failed pass's activations.
+        """
+        try:
+            return self._forward_batch(pixels)
+        except torch.OutOfMemoryError:
+            if not splittable:
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
     @torch.inference_mode()
-    def _embed(self, pixels: np.ndarray) -> BatchOutput:
+    def _forward_batch(self, pixels: Pixels) -> BatchOutput:
         out = self._forward(pixel_values=self.pixel_values(pixels))
         hidden = out.last_hidden_state
         cls_token = out.pooler_output if out.pooler_output is not None else hidden[:, 0]
         patch_mean = hidden[:, self._first_patch :].float().mean(dim=1)
-        return BatchOutput(
-            cls=cls_token.float().cpu().numpy(),
-            mean=patch_mean.cpu().numpy(),
-        )
+        both = torch.cat((cls_token.float(), patch_mean), dim=1).cpu().numpy()  # one copy back, not two
+        return BatchOutput(cls=both[:, : self.embedding_dim], mean=both[:, self.embedding_dim :])
+
+    def _measured_rate(self, size: int, seconds: float = 0.25) -> float | None:
+        """Images/s of batches of `size` (one pass to warm up, then at least three and `seconds`);
+        None when it does not fit. A fast model's passes take a millisecond: a few are noise."""
+        pixels = np.zeros((size, self.image_size, self.image_size), dtype=np.uint8)
+        try:
+            self._forward_batch(pixels)
+            passes, started = 0, time.perf_counter()
+            while passes < 3 or time.perf_counter() - started < seconds:
+                self._forward_batch(pixels)  # its copy back to the host waits for the device
+                passes += 1
+            return passes * size / (time.perf_counter() - started)
+        except torch.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()
+        return None
 
     def warmup(self) -> None:
-        """Forward passes so the first caller does not pay for lazy initialisation.
+        """Forward passes so that no caller pays for lazy initialisation.
 
-        Compiled, a batch of one and a batch of two: torch.compile specialises
-        size 1 and builds one dynamic-batch graph for the rest.
+        On CUDA, the first call runs every batch size the server will form,
+        largest first (the allocator reserves the peak at once, and each
+        shape's kernels are chosen now); later calls (the batcher's health
+        probe) run a batch of one. On CPU, a batch of one; compiled, a batch
+        of one and of two (torch.compile specialises size 1 and builds one
+        dynamic-batch graph for the rest).
         """
-        size = self.norm.image_size
-        for batch in (1, 2) if self.fast.compile else (1,):
+        if self.device.type == "cuda" and not self._warmed:
+            sizes: Sequence[int] = range(self.max_batch_size, 0, -1)
+        else:
+            sizes = (1, 2) if self.fast.compile else (1,)
+        size = self.image_size
+        for batch in sizes:
             self.embed(np.zeros((batch, size, size), dtype=np.uint8))
+        self._warmed = True

@@ -150,7 +150,7 @@ class EmbedService:
                                    settings.decode_workers)  # fmt: skip
         self.batcher = Batcher(
             runner.embed,
-            max_batch_size=settings.max_batch_size,
+            batch_limit=partial(runner.batch_limit, settings.max_batch_size),
             max_wait_ms=settings.max_wait_ms,
             metrics=self.metrics,
             compute=runner.compute,
@@ -174,7 +174,7 @@ class EmbedService:
             image_size=runner.image_size,
             dtype=runner.dtype_name,
             device=str(runner.device),
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=runner.batch_limit(settings.max_batch_size),
             max_images_per_request=settings.max_images_per_request,
             max_image_bytes=settings.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
@@ -201,7 +201,7 @@ class EmbedService:
         self._ready = True
         self._notify()
         log.info("engine ready: batches of up to %d, max wait %.1f ms, queue bound %d images, %d decode workers",
-                 self.settings.max_batch_size, self.settings.max_wait_ms, self.settings.max_queue_images,
+                 self.info.max_batch_size, self.settings.max_wait_ms, self.settings.max_queue_images,
                  self.settings.decode_workers)  # fmt: skip
 
     def begin_drain(self) -> None:

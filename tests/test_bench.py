@@ -39,3 +39,19 @@ def test_flops_of_dinov2_small_is_about_12_gflop() -> None:
     assert abs(model_flops(config, 224) / 1e9 - 12.25) < 0.05
     giant = Dinov2Config(image_size=518, patch_size=14, mlp_ratio=4, **SIZES["giant"])
     assert 550 < model_flops(giant, 224) / 1e9 < 600
+
+
+def test_host_path_smoke_prints_both_efficiencies(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "host.json"
+    main(["--host-path", "--smoke", "--json", str(out)])
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    workers = result["config"]["decode_workers"]
+    assert workers >= 1 and result["config"]["max_batch_size"] >= 1
+    assert result["null_model_images_per_s"] > 0
+    assert set(result["inputs"]) == {"512x512 grayscale JPEG", "64x64 grayscale PNG"}
+    for name, r in result["inputs"].items():
+        assert r["decode_per_thread"] > 0 and r["server"] > 0, name
+        assert r["host_efficiency"] == r["server"] / (r["decode_per_thread"] * workers)
+        assert f"{r['host_efficiency']:.2f}" in printed.split(name)[1].splitlines()[0]
+    assert {"load_average_start", "load_average_end", "cpu"} <= result["machine"].keys()

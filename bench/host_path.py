@@ -1,0 +1,171 @@
+"""`python -m bench --host-path`: how much of the machine's decoding capacity the server turns into answers.
+
+With a near-free model (`null` in server/random_model.py) the server's speed is
+set by its host path: gRPC, decoding, batch forming, copies, answers. For each
+input (512x512 grayscale JPEG, 64x64 grayscale PNG) one run measures
+
+- decode: images/s of `server.preprocess.decode` on one thread, in a child
+  process of the server's own checkout (so another commit's decode is measured
+  with that commit's server);
+- server: images/s of `python -m server` with the null model, answering an
+  `EmbedStream` of `request_images` images per request with `window` requests
+  in flight (first request sent to last answer);
+- host efficiency = server / (decode x the decode workers the server ran).
+
+Decode and server alternate for `rounds` rounds; each one's best round counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import driver, machine
+from bench.images import gray_jpegs, gray_pngs
+from bench.server_proc import REPO, ServerProcess
+from server.config import Settings
+from server.model import ModelRunner
+
+INPUTS: dict[str, Callable[[int], list[bytes]]] = {
+    "512x512 grayscale JPEG": lambda count: gray_jpegs(count, 512),
+    "64x64 grayscale PNG": lambda count: gray_pngs(count, 64),
+}
+WORKERS_LOGGED = re.compile(r"(\d+) decode workers")
+
+# Run in the server's checkout: its own decode, on one thread, for about `seconds`.
+_DECODE_RATE = """
+import pickle, sys, time
+from server.preprocess import ImageLimits, decode
+datas, image_size, seconds = pickle.load(sys.stdin.buffer)
+limits = ImageLimits(max_bytes=1 << 30, max_pixels=1 << 30)
+for data in datas[:4]:
+    decode(data, limits, image_size)
+count, started = 0, time.perf_counter()
+while count < len(datas) or time.perf_counter() - started < seconds:
+    decode(datas[count % len(datas)], limits, image_size)
+    count += 1
+print(count / (time.perf_counter() - started))
+"""
+
+# The decode workers a checkout's server runs by default (older ones have no `decode_workers`).
+_DEFAULT_WORKERS = """
+from server.config import Settings
+settings = Settings()
+print(getattr(settings, "decode_workers", None) or settings.preprocess_workers)
+"""
+
+
+def decode_rate(tree: Path, datas: list[bytes], image_size: int, seconds: float) -> float:
+    """Images/s of `tree`'s `server.preprocess.decode` on one thread (a child process)."""
+    out = subprocess.run([sys.executable, "-c", _DECODE_RATE], cwd=tree, check=True, capture_output=True,
+                         input=pickle.dumps((datas, image_size, seconds)))  # fmt: skip
+    return float(out.stdout)
+
+
+def decode_workers(tree: Path, server_log: list[str], server_args: list[str]) -> int:
+    """How many decode threads the server ran: from its log, its flags, or its checkout's default."""
+    for line in server_log:
+        if match := WORKERS_LOGGED.search(line):
+            return int(match.group(1))
+    if "--preprocess-workers" in server_args:
+        return int(server_args[server_args.index("--preprocess-workers") + 1])
+    out = subprocess.run([sys.executable, "-c", _DEFAULT_WORKERS], cwd=tree, check=True, capture_output=True)
+    return int(out.stdout)
+
+
+def null_rate(model_dir: str, batch_size: int, seconds: float) -> float:
+    """The null model's own images/s at the server's batch size (in this process): what the model costs."""
+    runner = ModelRunner.load(Settings(model=model_dir, device="cpu"))
+    batch = np.zeros((batch_size, runner.image_size, runner.image_size), dtype=np.uint8)
+    runner.embed(batch)
+    count, started = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - started < seconds:
+        runner.embed(batch)
+        count += batch_size
+    return count / (time.perf_counter() - started)
+
+
+def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
+    tree = Path(args.server_tree).resolve() if args.server_tree else REPO
+    info = machine.describe(torch.device("cpu"))
+    flags = ["--model", model_dir, "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
+             "--metrics-port", "0", *args.server_arg]  # fmt: skip
+    results: dict[str, Any] = {}
+    with ServerProcess(flags, tree=tree) as server:
+        workers = decode_workers(tree, server.lines, flags)
+        for name, make in INPUTS.items():
+            datas = make(args.distinct_images)
+            requests = driver.requests_for(datas, args.request_images * 8, args.request_images)
+            driver.stream(server.address, requests[: max(2, args.window // 4)], args.window)  # warm-up
+            decode_best = server_best = 0.0
+            rounds = []
+            for _ in range(args.rounds):
+                decode_ips = decode_rate(tree, datas, 224, args.decode_seconds)
+                server_ips = _server_rate(server.address, requests, args.window, args.server_seconds)
+                rounds.append({"decode": decode_ips, "server": server_ips, "load_average": machine.load_average()})
+                decode_best, server_best = max(decode_best, decode_ips), max(server_best, server_ips)
+                log(f"{name}: decode {decode_ips:.0f}/s per thread, server {server_ips:.0f}/s, "
+                    f"load {rounds[-1]['load_average']}")  # fmt: skip
+            results[name] = {
+                "decode_per_thread": decode_best,
+                "server": server_best,
+                "host_efficiency": server_best / (decode_best * workers),
+                "encoded_bytes_mean": sum(map(len, datas)) / len(datas),
+                "rounds": rounds,
+            }
+        server_log = server.lines[:6]
+    batch = _logged_batch_size(server_log)
+    config = {"server_tree": str(tree), "server_args": flags, "server_log": server_log, "model": "null",
+              "request_images": args.request_images, "window": args.window, "rounds": args.rounds,
+              "decode_workers": workers, "max_batch_size": batch, "smoke": args.smoke}  # fmt: skip
+    return {
+        "machine": {**info, "load_average_end": machine.load_average()},
+        "config": config,
+        "null_model_images_per_s": null_rate(model_dir, batch or 16, args.decode_seconds),
+        "inputs": results,
+    }
+
+
+def _server_rate(address: str, distinct: list[Any], window: int, seconds: float) -> float:
+    """Streams for about `seconds`: a first stream of 2 windows sizes the timed one."""
+    first = driver.stream(address, [distinct[i % len(distinct)] for i in range(2 * window)], window)
+    count = max(2 * window, round(first.images_per_s * seconds / len(distinct[0].images)))
+    timed = driver.stream(address, [distinct[i % len(distinct)] for i in range(count)], window)
+    return timed.images_per_s
+
+
+def _logged_batch_size(server_log: list[str]) -> int | None:
+    for line in server_log:
+        if match := re.search(r"batches of up to (\d+)", line):
+            return int(match.group(1))
+    return None
+
+
+def table(result: dict[str, Any]) -> str:
+    m, c = result["machine"], result["config"]
+    lines = [
+        f"{m['cpu']}, {m['cpus']} CPUs, load {m['load_average_start']} at start, {m['load_average_end']} at end",
+        f"server: {c['server_tree']} with the null model ({result['null_model_images_per_s']:.0f} images/s "
+        f"alone at batch {c['max_batch_size']}), {c['decode_workers']} decode workers, "
+        f"EmbedStream {c['request_images']} images/request x {c['window']} in flight",
+        "",
+        f"{'input':<26}{'decode/thread':>15}{'server':>10}{'host efficiency':>17}",
+    ]
+    for name, r in result["inputs"].items():
+        lines.append(f"{name:<26}{r['decode_per_thread']:>15.0f}{r['server']:>10.0f}{r['host_efficiency']:>17.2f}")
+    lines.append("(images/s, best of each round; host efficiency = server / (decode per thread x decode workers))")
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
