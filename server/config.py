@@ -18,6 +18,7 @@ from typing import Any
 from server import batch_size
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_AUTO_DECODE_WORKERS = 4
 
 
 def int_or_auto(raw: object) -> int | str:
@@ -61,7 +62,7 @@ class Settings:
     max_concurrent_rpcs: int = _opt(512, "Calls handled at once; beyond it gRPC answers RESOURCE_EXHAUSTED.")
     max_receiving_requests: int = _opt(4, "Embed bodies read at once; other callers' bodies wait, unread.")
     receive_timeout_s: float = _opt(30.0, "Longest an Embed body may take to arrive once its read began.")
-    preprocess_workers: int = _opt(0, "Threads that decode and resize images (0 = one per CPU this process may use).")
+    preprocess_workers: int = _opt(0, "Decode and resize threads (0 = one per CPU this process may use, at most 4).")
     stream_window: int = _opt(16, "Requests of one EmbedStream processed at once.")
     grace_s: float = _opt(30.0, "On SIGTERM, how long in-flight work may take to finish.")
     metrics_port: int = _opt(9090, "Prometheus metrics port (-1 disables, 0 picks a free one).")
@@ -108,13 +109,16 @@ class Settings:
 
     @property
     def decode_workers(self) -> int:
-        """`preprocess_workers`, or one per CPU this process may run on when it is 0."""
+        """`preprocess_workers`, or when it is 0 one per CPU this process may run on, at most
+        `MAX_AUTO_DECODE_WORKERS`: Pillow's per-image Python work holds the GIL, and on a
+        16-CPU machine 16 decode threads answered fewer images than 4 (BENCHMARKS.md)."""
         if self.preprocess_workers:
             return self.preprocess_workers
         try:
-            return max(1, len(os.sched_getaffinity(0)))
+            cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
-            return max(1, os.cpu_count() or 1)
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, MAX_AUTO_DECODE_WORKERS))
 
 
 def _env_name(f: dataclasses.Field[Any]) -> str:

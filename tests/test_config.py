@@ -34,3 +34,14 @@ def test_bad_values_end_with_a_clear_message(argv: list[str], env: dict[str, str
     with pytest.raises(SystemExit) as info:
         load_settings(argv, env)
     assert message in str(info.value)
+
+
+def test_decode_workers_default_from_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from server.config import MAX_AUTO_DECODE_WORKERS
+
+    assert Settings(preprocess_workers=3).decode_workers == 3
+    for cpus, expected in ((1, 1), (2, 2), (16, MAX_AUTO_DECODE_WORKERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert Settings().decode_workers == expected
