@@ -210,29 +210,43 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     async def EmbedStream(
         self, request_iterator: AsyncIterator[embed_pb2.EmbedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[embed_pb2.EmbedResponse]:
-        """Up to `stream_window` requests in flight; responses in request order."""
+        """Up to `stream_window` requests in flight; responses in request order.
+
+        When the call ends, however it ends, its outstanding work is cancelled
+        at once (`add_done_callback`): a generator suspended at `yield` would
+        only run its `finally` when collected.
+        """
         deadline = _deadline(context)
         window: asyncio.Queue[asyncio.Task[embed_pb2.EmbedResponse] | None] = asyncio.Queue(
             self._service.settings.stream_window
         )
+        outstanding: set[asyncio.Future[Any]] = set()
+
+        def track(task: asyncio.Future[Any]) -> asyncio.Future[Any]:
+            outstanding.add(task)
+            task.add_done_callback(outstanding.discard)
+            return task
+
+        def cancel_outstanding(*_: object) -> None:
+            for task in list(outstanding):
+                task.cancel()
+
+        context.add_done_callback(cancel_outstanding)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await window.put(asyncio.ensure_future(self._stream_one(request, deadline)))
+                    await window.put(track(asyncio.ensure_future(self._stream_one(request, deadline))))
             finally:
                 await window.put(None)
 
-        reader = asyncio.ensure_future(read())
+        reader = track(asyncio.ensure_future(read()))
         try:
             while (task := await window.get()) is not None:
                 yield await task
             await reader
         finally:
-            reader.cancel()
-            while not window.empty():
-                if (task := window.get_nowait()) is not None:
-                    task.cancel()
+            cancel_outstanding()
 
     async def _stream_one(self, request: embed_pb2.EmbedRequest, deadline: float | None) -> embed_pb2.EmbedResponse:
         try:
