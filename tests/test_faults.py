@@ -88,7 +88,7 @@ def test_expired_unary_requests_never_reach_the_model(make_server, runner) -> No
 def test_a_stream_cancelled_midway_sends_nothing_more_to_the_model(make_server, runner) -> None:
     controlled = ControlledRunner(runner)
     server = make_server(controlled, max_batch_size=4, max_wait_ms=0)
-    controlled.delay_s = 0.3
+    controlled.delay_s = 1.0  # longer than the cancellation takes to reach the server, even under load
     seen_before = controlled.images_seen
     call = server.stub.EmbedStream(iter([request(4, seed=10 * k) for k in range(10)]), timeout=60)
     first = next(call)
