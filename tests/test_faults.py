@@ -94,8 +94,8 @@ def test_a_stream_cancelled_midway_sends_nothing_more_to_the_model(make_server, 
     first = next(call)
     assert len(first.embeddings) == 4
     call.cancel()
-    wait_for(lambda: server.metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) >= 28)
-    wait_for(lambda: server.metrics.value("dinov2_queue_depth") == 0)
+    wait_for(lambda: server.metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) >= 28, timeout=60)
+    wait_for(lambda: server.metrics.value("dinov2_queue_depth") == 0, timeout=60)
     assert controlled.images_seen - seen_before <= 12  # the first batch, and at most the two more in flight
 
 
