@@ -108,9 +108,10 @@ class DecodePool:
             if self._closed:
                 return None
             job = self._jobs.popleft()
-            per_image = job.seconds_per_image
-            count = MAX_CHUNK if per_image <= 0 else int(self._slice_s / per_image)
-            count = max(1, min(count, MAX_CHUNK, job.queued)) if per_image > 0 else 1
+            if job.seconds_per_image > 0:
+                count = max(1, min(int(self._slice_s / job.seconds_per_image), MAX_CHUNK, job.queued))
+            else:
+                count = 1  # a job's first chunk measures what one of its images costs
             start = job.next_index
             job.next_index += count
             if job.queued:
