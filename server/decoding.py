@@ -1,10 +1,12 @@
 """Decoding on worker threads: fair between calls, handed back to the event loop in chunks.
 
-Each call's images form a job. Workers take turns between jobs (round robin),
-so a call with many expensive images cannot hold every worker while a small
-call waits. A worker takes a chunk of a job's images sized to about `slice_s`
-of work (from the job's own decode times so far), decodes it, and hands the
-whole chunk back with one event-loop wake-up. Pillow releases the GIL while it
+Each request's images form a job, and each caller's jobs a lane: a unary
+call is a lane of its own, a stream's requests share one, in order. Workers
+take turns between lanes (round robin), so a caller with many expensive
+images cannot hold every worker while a small call waits, and a stream's
+first request is done first. A worker takes a chunk of a lane's first job
+sized to about `slice_s` of work (from the lane's decode times so far),
+decodes it, and hands the whole chunk back with one event-loop wake-up. Pillow releases the GIL while it
 decodes and resizes, so the threads run in parallel. A job whose caller left
 is dropped, with whatever of it was still queued.
 """
@@ -37,19 +39,31 @@ MAX_CHUNK = 32
 
 @dataclass(eq=False)
 class DecodeJob:
-    """One call's images, as the workers see it."""
+    """One request's images, as the workers see it."""
 
     images: Sequence[bytes]
     deliver: Deliver
     loop: asyncio.AbstractEventLoop
+    lane: Lane
     next_index: int = 0
     cancelled: bool = False
-    seconds_per_image: float = field(default=0.0)
 
     @property
     def queued(self) -> int:
         """Images not yet taken by a worker."""
         return len(self.images) - self.next_index
+
+
+@dataclass(eq=False)
+class Lane:
+    """One caller's jobs, decoded in order; it takes one turn among the callers.
+
+    A stream keeps one for its life, so its cost estimate carries over from
+    one request to the next.
+    """
+
+    jobs: collections.deque[DecodeJob] = field(default_factory=collections.deque)
+    seconds_per_image: float = 0.0
 
 
 class DecodePool:
@@ -58,7 +72,7 @@ class DecodePool:
     def __init__(self, decode_one: Callable[[bytes], np.ndarray], workers: int, slice_s: float = 0.02) -> None:
         self._decode_one = decode_one
         self._slice_s = slice_s
-        self._jobs: collections.deque[DecodeJob] = collections.deque()
+        self._turns: collections.deque[Lane] = collections.deque()  # the lanes with queued jobs
         self._cond = threading.Condition()
         self._closed = False
         self.busy_images = 0  # images taken by a worker and not yet handed back
@@ -72,17 +86,25 @@ class DecodePool:
     def pending(self) -> int:
         """Images queued or being decoded, over all jobs: more images are on their way to the batcher."""
         with self._cond:
-            return self.busy_images + sum(job.queued for job in self._jobs)
+            return self.busy_images + sum(job.queued for lane in self._turns for job in lane.jobs)
 
-    def submit(self, images: Sequence[bytes], deliver: Deliver) -> DecodeJob:
-        """Queues a call's images; `deliver` gets them back in chunks, on the calling loop."""
-        job = DecodeJob(images, deliver, asyncio.get_running_loop())
-        if images:
-            with self._cond:
-                if self._closed:
-                    raise RuntimeError("decode pool is closed")
-                self._jobs.append(job)
-                self._cond.notify()
+    def submit(self, images: Sequence[bytes], deliver: Deliver, lane: Lane | None = None) -> DecodeJob:
+        """Queues a request's images; `deliver` gets them back in chunks, on the calling loop.
+
+        Requests in the same `lane` are decoded one after the other, in the
+        order submitted, and share its turn; without one, the request is a
+        caller of its own.
+        """
+        job = DecodeJob(images, deliver, asyncio.get_running_loop(), lane or Lane())
+        if not images:
+            return job
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("decode pool is closed")
+            if not job.lane.jobs:
+                self._turns.append(job.lane)
+            job.lane.jobs.append(job)
+            self._cond.notify()
         return job
 
     def cancel(self, job: DecodeJob) -> int:
@@ -91,31 +113,37 @@ class DecodePool:
             job.cancelled = True
             dropped = job.queued
             job.next_index = len(job.images)
-            if job in self._jobs:
-                self._jobs.remove(job)
+            lane = job.lane
+            if job in lane.jobs:
+                lane.jobs.remove(job)
+                if not lane.jobs:
+                    self._turns.remove(lane)
         return dropped
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._jobs.clear()
+            self._turns.clear()
             self._cond.notify_all()
 
     def _take(self) -> tuple[DecodeJob, int, int] | None:
-        """The next job in turn and a chunk of it: (job, first index, count); None once closed."""
+        """The next lane in turn and a chunk of its first job: (job, first index, count); None once closed."""
         with self._cond:
-            self._cond.wait_for(lambda: self._jobs or self._closed)
+            self._cond.wait_for(lambda: self._turns or self._closed)
             if self._closed:
                 return None
-            job = self._jobs.popleft()
-            if job.seconds_per_image > 0:
-                count = max(1, min(int(self._slice_s / job.seconds_per_image), MAX_CHUNK, job.queued))
+            lane = self._turns.popleft()
+            job = lane.jobs[0]
+            if lane.seconds_per_image > 0:
+                count = max(1, min(int(self._slice_s / lane.seconds_per_image), MAX_CHUNK, job.queued))
             else:
-                count = 1  # a job's first chunk measures what one of its images costs
+                count = 1  # a lane's first chunk measures what one of its images costs
             start = job.next_index
             job.next_index += count
-            if job.queued:
-                self._jobs.append(job)  # back of the line: the other calls go first
+            if not job.queued:
+                lane.jobs.popleft()
+            if lane.jobs:
+                self._turns.append(lane)  # back of the line: the other callers go first
             self.busy_images += count
             return job, start, count
 
@@ -132,7 +160,7 @@ class DecodePool:
             with self._cond:
                 self.busy_images -= count
                 if results:
-                    job.seconds_per_image = elapsed / len(results)
+                    job.lane.seconds_per_image = elapsed / len(results)
             if not job.cancelled:
                 with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
                     job.loop.call_soon_threadsafe(job.deliver, start, results)

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 from server import errors
 from server.model import Pooling
-from server.service import EmbedOptions, EmbedService, ImageResult
+from server.service import EmbedOptions, EmbedService, ImageResult, Lane
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +153,16 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self._metrics = service.metrics
         self._receiving = asyncio.Semaphore(service.settings.max_receiving_requests)
 
-    async def _embed(self, request: embed_pb2.EmbedRequest, deadline: float | None) -> embed_pb2.EmbedResponse:
+    async def _embed(
+        self, request: embed_pb2.EmbedRequest, deadline: float | None, lane: Lane | None = None
+    ) -> embed_pb2.EmbedResponse:
         started = time.monotonic()
         try:
             if isinstance(request, MalformedRequest):
                 raise errors.InvalidRequest(request.message)
             _check_response_size(request, self._service.info.embedding_dim, self._service.settings.max_request_bytes)
             results = await self._service.embed(
-                _ImageBytes(request.images), _options(request), deadline, nbytes=request.ByteSize()
+                _ImageBytes(request.images), _options(request), deadline, nbytes=request.ByteSize(), lane=lane
             )
         except errors.EmbedError as exc:
             level = logging.WARNING if isinstance(request, MalformedRequest) else logging.INFO
@@ -232,11 +234,12 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
                 task.cancel()
 
         context.add_done_callback(cancel_outstanding)
+        lane = self._service.new_lane()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await window.put(track(asyncio.ensure_future(self._stream_one(request, deadline))))
+                    await window.put(track(asyncio.ensure_future(self._stream_one(request, deadline, lane))))
             finally:
                 await window.put(None)
 
@@ -248,9 +251,11 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         finally:
             cancel_outstanding()
 
-    async def _stream_one(self, request: embed_pb2.EmbedRequest, deadline: float | None) -> embed_pb2.EmbedResponse:
+    async def _stream_one(
+        self, request: embed_pb2.EmbedRequest, deadline: float | None, lane: Lane
+    ) -> embed_pb2.EmbedResponse:
         try:
-            response = await self._embed(request, deadline)
+            response = await self._embed(request, deadline, lane)
         except errors.EmbedError as exc:
             self._metrics.requests.labels("EmbedStream", status_of(exc).name).inc()
             return embed_pb2.EmbedResponse(error=error_message(exc))

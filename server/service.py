@@ -24,7 +24,7 @@ import numpy as np
 from server.admission import Admission, Cost
 from server.batcher import Batcher, ItemOutput
 from server.config import Settings
-from server.decoding import Decoded, DecodeJob, DecodePool
+from server.decoding import Decoded, DecodeJob, DecodePool, Lane
 from server.errors import EmbedError, Internal, InvalidRequest, Unavailable
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
@@ -204,6 +204,11 @@ class EmbedService:
                  self.info.max_batch_size, self.settings.max_wait_ms, self.settings.max_queue_images,
                  self.settings.decode_workers)  # fmt: skip
 
+    @staticmethod
+    def new_lane() -> Lane:
+        """A decode lane for a caller whose requests go in order (a stream): one turn for all of them."""
+        return Lane()
+
     def begin_drain(self) -> None:
         """Refuses new work with `Unavailable`; work already accepted goes on."""
         self._draining = True
@@ -222,6 +227,7 @@ class EmbedService:
         deadline: float | None = None,
         wait: bool = False,
         nbytes: int | None = None,
+        lane: Lane | None = None,
     ) -> list[ImageResult]:
         """Embeds the images of one request, in order; per-image failures are in the results.
 
@@ -229,7 +235,9 @@ class EmbedService:
         at all: malformed, the engine draining or stuck, or over the bounds on
         work in flight (unless `wait`, which queues for capacity instead).
         `deadline` is a `time.monotonic()` instant; `nbytes`, the request's
-        encoded size when the caller knows it without reading every image.
+        encoded size when the caller knows it without reading every image;
+        `lane` (from `new_lane`), shared by the requests of one caller that
+        are decoded in order and take one turn among the callers.
         """
         if self._draining or not self._ready:
             raise Unavailable("server is draining" if self._draining else "server is not ready yet")
@@ -250,7 +258,7 @@ class EmbedService:
         request = _Request(len(images), options, deadline, self)
         job: DecodeJob | None = None
         try:
-            job = self._decoder.submit(images, request.decoded)
+            job = self._decoder.submit(images, request.decoded, lane)
             await request.done
         except asyncio.CancelledError:
             self._count_dropped(request, job)

@@ -89,17 +89,27 @@ class ControlledRunner:
         self.failing = False
         self.fail_batches = 0
         self.images_seen = 0
+        self.allowed_images: float = float("inf")  # a batch that would pass this count waits in the model
+        self._allowance = threading.Condition()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
     def embed(self, pixels: np.ndarray) -> Any:
+        with self._allowance:
+            self._allowance.wait_for(lambda: self.images_seen + len(pixels) <= self.allowed_images)
         time.sleep(self.delay_s)
         if self.failing or self.fail_batches > 0:
             self.fail_batches = max(0, self.fail_batches - 1)
             raise RuntimeError("injected fault")
         self.images_seen += len(pixels)
         return self._runner.embed(pixels)
+
+    def allow(self, images: float) -> None:
+        """Batches that would take the count of images seen past `images` wait (in the model) until raised."""
+        with self._allowance:
+            self.allowed_images = images
+            self._allowance.notify_all()
 
     def warmup(self) -> None:
         size = self._runner.image_size

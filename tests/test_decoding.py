@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from server.decoding import DecodePool
+from server.decoding import DecodePool, Lane
 from server.errors import Internal, InvalidImage
 
 
@@ -80,6 +81,31 @@ async def test_calls_take_turns_so_a_big_call_does_not_hold_every_worker() -> No
     await asyncio.wait_for(small_done.wait(), timeout=10)
     assert order.count("big") < 15, f"the small call waited for {order.count('big')} of the big call's images"
     await asyncio.wait_for(big_done.wait(), timeout=30)
+    pool.close()
+
+
+async def test_a_lanes_requests_go_in_order_and_share_one_turn_with_other_callers() -> None:
+    pool = DecodePool(fake_decode, workers=1)
+    order: list[str] = []
+    finished = asyncio.Event()
+
+    def record(name: str, size: int) -> Callable[[int, list[object]], None]:
+        def deliver(start: int, chunk: list[object]) -> None:
+            order.extend(name for _ in chunk)
+            if name == "other" and order.count(name) == size:
+                finished.set()
+
+        return deliver
+
+    stream = Lane()
+    for n in range(3):
+        pool.submit([b"slow:1"] * 4, record(f"request{n}", 4), stream)
+    await asyncio.sleep(0.01)  # the stream's first image is being decoded
+    pool.submit([b"slow:1"] * 4, record("other", 4))
+    await asyncio.wait_for(finished.wait(), timeout=10)
+    stream_order = [name for name in order if name != "other"]
+    assert stream_order == sorted(stream_order), "a stream's requests were decoded out of order"
+    assert len(stream_order) < 12, "the other caller waited for the whole stream, not for one turn"
     pool.close()
 
 
