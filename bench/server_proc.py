@@ -76,8 +76,15 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def peak_rss_bytes(self) -> int:
-        """The server's peak resident memory so far (VmHWM)."""
-        return _status_kb(self.pid, "VmHWM") * 1024
+        """The server's peak resident memory so far (VmHWM), its decode worker processes' added.
+
+        A sum of each process's own peak: at least the peak of the whole.
+        """
+        return sum(status_kb(pid, "VmHWM") for pid in process_tree(self.pid)) * 1024
+
+    def rss_bytes(self) -> int:
+        """The resident memory of the server and its decode worker processes now (VmRSS)."""
+        return sum(status_kb(pid, "VmRSS") for pid in process_tree(self.pid)) * 1024
 
     def samples(self) -> dict[str, float]:
         """The SERVER_SAMPLES now (empty when the server has no metrics endpoint)."""
@@ -104,8 +111,24 @@ class ServerProcess:
                 self._ready.set()
 
 
-def _status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc), those that still run."""
+    tree = [pid]
+    for parent in tree:
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                tree.extend(int(child) for child in children.read_text().split())
+            except OSError:
+                continue
+    return tree
+
+
+def status_kb(pid: int, key: str) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # the process ended meanwhile
+        return 0
+    for line in text.splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"no {key} in /proc/{pid}/status")

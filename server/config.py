@@ -62,7 +62,14 @@ class Settings:
     max_concurrent_rpcs: int = _opt(512, "Calls handled at once; beyond it gRPC answers RESOURCE_EXHAUSTED.")
     max_receiving_requests: int = _opt(4, "Embed bodies read at once; other callers' bodies wait, unread.")
     receive_timeout_s: float = _opt(30.0, "Longest an Embed body may take to arrive once its read began.")
-    preprocess_workers: int = _opt(0, "Decode and resize threads (0 = one per CPU this process may use, at most 4).")
+    preprocess_workers: int = _opt(
+        0, "Decode and resize workers (0 = one per CPU this process may use; in threads, at most 4)."
+    )
+    decode_in: str = _opt(
+        "processes",
+        "Decode in worker processes (parallel over the CPUs; a decoder crash costs one image) or threads.",
+        choices=("processes", "threads"),
+    )
     stream_window: int = _opt(16, "Requests of one EmbedStream processed at once.")
     grace_s: float = _opt(30.0, "On SIGTERM, how long in-flight work may take to finish.")
     metrics_port: int = _opt(9090, "Prometheus metrics port (-1 disables, 0 picks a free one).")
@@ -109,8 +116,8 @@ class Settings:
 
     @property
     def decode_workers(self) -> int:
-        """`preprocess_workers`, or when it is 0 one per CPU this process may run on, at most
-        `MAX_AUTO_DECODE_WORKERS`: Pillow's per-image Python work holds the GIL, and on a
+        """`preprocess_workers`, or when it is 0 one per CPU this process may run on; in threads
+        at most `MAX_AUTO_DECODE_WORKERS`: Pillow's per-image Python work holds the GIL, and on a
         16-CPU machine 16 decode threads answered fewer images than 4 (BENCHMARKS.md)."""
         if self.preprocess_workers:
             return self.preprocess_workers
@@ -118,7 +125,7 @@ class Settings:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             cpus = os.cpu_count() or 1
-        return max(1, min(cpus, MAX_AUTO_DECODE_WORKERS))
+        return max(1, cpus if self.decode_in == "processes" else min(cpus, MAX_AUTO_DECODE_WORKERS))
 
 
 def _env_name(f: dataclasses.Field[Any]) -> str:

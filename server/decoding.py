@@ -6,9 +6,12 @@ take turns between lanes (round robin), so a caller with many expensive
 images cannot hold every worker while a small call waits, and a stream's
 first request is done first. A worker takes a chunk of a lane's first job
 sized to about `slice_s` of work (from the lane's decode times so far),
-decodes it, and hands the whole chunk back with one event-loop wake-up. Pillow releases the GIL while it
-decodes and resizes, so the threads run in parallel. A job whose caller left
-is dropped, with whatever of it was still queued.
+decodes it, and hands the whole chunk back with one event-loop wake-up. A job
+whose caller left is dropped, with whatever of it was still queued.
+
+Each pool thread decodes through a `ChunkDecoder`: a child process of its own
+(`server.decode_worker.ProcessDecoder`, the default: decoding runs in
+parallel over the CPUs) or the thread itself (`ThreadDecoder`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -35,6 +39,36 @@ Deliver = Callable[[int, list[Decoded]], None]
 """Called on the job's event loop with a chunk: the index of its first image and the results."""
 
 MAX_CHUNK = 32
+
+
+class ChunkDecoder(Protocol):
+    """Decodes a chunk of images for one pool thread; every failure stays its image's result."""
+
+    def decode(self, images: list[bytes]) -> list[Decoded]: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadDecoder:
+    """Decodes on the calling pool thread (no process of its own)."""
+
+    def __init__(self, decode_one: Callable[[bytes], np.ndarray]) -> None:
+        self._decode_one = decode_one
+
+    def decode(self, images: list[bytes]) -> list[Decoded]:
+        return [self._decode_safely(data) for data in images]
+
+    def close(self) -> None:
+        pass
+
+    def _decode_safely(self, data: bytes) -> Decoded:
+        try:
+            return self._decode_one(data)
+        except EmbedError as exc:
+            return detached(exc)
+        except Exception:
+            log.exception("unexpected failure while decoding an image of %d bytes", len(data))
+            return Internal("internal error while decoding this image")
 
 
 @dataclass(eq=False)
@@ -67,17 +101,18 @@ class Lane:
 
 
 class DecodePool:
-    """`workers` threads running `decode_one` over the jobs of every caller, in turn."""
+    """One thread per decoder, taking chunks of every caller's jobs in turn."""
 
-    def __init__(self, decode_one: Callable[[bytes], np.ndarray], workers: int, slice_s: float = 0.02) -> None:
-        self._decode_one = decode_one
+    def __init__(self, decoders: Sequence[ChunkDecoder], slice_s: float = 0.02) -> None:
+        self._decoders = list(decoders)
         self._slice_s = slice_s
         self._turns: collections.deque[Lane] = collections.deque()  # the lanes with queued jobs
         self._cond = threading.Condition()
         self._closed = False
         self.busy_images = 0  # images taken by a worker and not yet handed back
         self._threads = [
-            threading.Thread(target=self._work, name=f"decode-{n}", daemon=True) for n in range(workers)
+            threading.Thread(target=self._work, args=(decoder,), name=f"decode-{n}", daemon=True)
+            for n, decoder in enumerate(self._decoders)
         ]
         for thread in self._threads:
             thread.start()
@@ -120,7 +155,12 @@ class DecodePool:
                     self._turns.remove(lane)
         return dropped
 
+    @classmethod
+    def in_threads(cls, decode_one: Callable[[bytes], np.ndarray], workers: int) -> DecodePool:
+        return cls([ThreadDecoder(decode_one) for _ in range(workers)])
+
     def close(self) -> None:
+        """Stops taking work; each decoder closes once its chunk in progress is handed back."""
         with self._cond:
             self._closed = True
             self._turns.clear()
@@ -147,31 +187,23 @@ class DecodePool:
             self.busy_images += count
             return job, start, count
 
-    def _work(self) -> None:
-        while (taken := self._take()) is not None:
-            job, start, count = taken
-            results: list[Decoded] = []
-            began = time.perf_counter()
-            for index in range(start, start + count):
-                if job.cancelled:
-                    break
-                results.append(self._decode_safely(job.images[index]))
-            elapsed = time.perf_counter() - began
-            with self._cond:
-                self.busy_images -= count
-                if results:
-                    job.lane.seconds_per_image = elapsed / len(results)
-            if not job.cancelled:
-                with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
-                    job.loop.call_soon_threadsafe(job.deliver, start, results)
-            del results
-
-    def _decode_safely(self, data: bytes) -> Decoded:
-        """One image's result; a failure of any kind stays this image's, never the call's."""
+    def _work(self, decoder: ChunkDecoder) -> None:
         try:
-            return self._decode_one(data)
-        except EmbedError as exc:
-            return detached(exc)
-        except Exception:
-            log.exception("unexpected failure while decoding an image of %d bytes", len(data))
-            return Internal("internal error while decoding this image")
+            while (taken := self._take()) is not None:
+                job, start, count = taken
+                began = time.perf_counter()
+                try:
+                    results = decoder.decode([job.images[index] for index in range(start, start + count)])
+                except Exception:
+                    log.exception("decode worker failed on a chunk of %d images", count)
+                    results = [Internal("internal error while decoding this image") for _ in range(count)]
+                elapsed = time.perf_counter() - began
+                with self._cond:
+                    self.busy_images -= count
+                    job.lane.seconds_per_image = elapsed / count
+                if not job.cancelled:
+                    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+                        job.loop.call_soon_threadsafe(job.deliver, start, results)
+                del results
+        finally:
+            decoder.close()

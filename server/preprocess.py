@@ -18,8 +18,9 @@ import io
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -102,16 +103,24 @@ class PixelBudget:
 
     @contextmanager
     def hold(self, pixels: int) -> Iterator[None]:
+        pixels = self.acquire(pixels)
+        try:
+            yield
+        finally:
+            self.release(pixels)
+
+    def acquire(self, pixels: int) -> int:
+        """Waits for room and holds it; returns what to `release` (capped at the capacity)."""
         pixels = min(pixels, self.capacity)
         with self._cond:
             self._cond.wait_for(lambda: self.held + pixels <= self.capacity)
             self.held += pixels
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.held -= pixels
-                self._cond.notify_all()
+        return pixels
+
+    def release(self, pixels: int) -> None:
+        with self._cond:
+            self.held -= pixels
+            self._cond.notify_all()
 
 
 _guarded_pixels = 0
@@ -200,10 +209,16 @@ def to_gray(img: Image.Image) -> Image.Image:
         raise InvalidImage(f"cannot convert image of mode {img.mode} to grayscale: {_short(exc)}") from None
 
 
+class Budget(Protocol):
+    """What `decode` needs of a budget: a `PixelBudget`, or a child process's proxy of one."""
+
+    def hold(self, pixels: int) -> AbstractContextManager[None]: ...
+
+
 _UNBOUNDED = PixelBudget(2**62)
 
 
-def decode(data: bytes, limits: ImageLimits, image_size: int, budget: PixelBudget | None = None) -> np.ndarray:
+def decode(data: bytes, limits: ImageLimits, image_size: int, budget: Budget | None = None) -> np.ndarray:
     """Encoded bytes -> resized grayscale uint8 array [image_size, image_size].
 
     The full-size pixels count against `budget` from before they are decoded

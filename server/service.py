@@ -24,6 +24,7 @@ import numpy as np
 from server.admission import Admission, Cost
 from server.batcher import Batcher, ItemOutput
 from server.config import Settings
+from server.decode_worker import ProcessDecoder, Setup
 from server.decoding import Decoded, DecodeJob, DecodePool, Lane
 from server.errors import EmbedError, Internal, InvalidRequest, Unavailable
 from server.metrics import Metrics
@@ -73,6 +74,17 @@ def _package_version() -> str:
         return version("dinov2-embed")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _decode_pool(settings: Settings, image_size: int) -> DecodePool:
+    """The decode workers the settings ask for, sharing one bound on full-size pixels."""
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    budget = PixelBudget(settings.max_decode_pixels)
+    if settings.decode_in == "threads":
+        return DecodePool.in_threads(partial(decode, limits=limits, image_size=image_size, budget=budget),
+                                     settings.decode_workers)  # fmt: skip
+    setup = Setup(limits, image_size, settings.idle_trim_s)
+    return DecodePool([ProcessDecoder(setup, budget) for _ in range(settings.decode_workers)])
 
 
 class _Request:
@@ -144,10 +156,7 @@ class EmbedService:
         self.settings = settings
         self.runner = runner
         self.metrics = metrics or Metrics()
-        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-        budget = PixelBudget(settings.max_decode_pixels)
-        self._decoder = DecodePool(partial(decode, limits=limits, image_size=runner.image_size, budget=budget),
-                                   settings.decode_workers)  # fmt: skip
+        self._decoder = _decode_pool(settings, runner.image_size)
         self.batcher = Batcher(
             runner.embed,
             batch_limit=partial(runner.batch_limit, settings.max_batch_size),
@@ -200,9 +209,9 @@ class EmbedService:
         await asyncio.wrap_future(self.runner.compute.submit(self.runner.warmup))
         self._ready = True
         self._notify()
-        log.info("engine ready: batches of up to %d, max wait %.1f ms, queue bound %d images, %d decode workers",
+        log.info("engine ready: batches of up to %d, max wait %.1f ms, queue bound %d images, %d decode workers (%s)",
                  self.info.max_batch_size, self.settings.max_wait_ms, self.settings.max_queue_images,
-                 self.settings.decode_workers)  # fmt: skip
+                 self.settings.decode_workers, self.settings.decode_in)  # fmt: skip
 
     @staticmethod
     def new_lane() -> Lane:

@@ -42,6 +42,7 @@ def test_decode_workers_default_from_the_cpus_this_process_may_use(monkeypatch: 
     from server.config import MAX_AUTO_DECODE_WORKERS
 
     assert Settings(preprocess_workers=3).decode_workers == 3
-    for cpus, expected in ((1, 1), (2, 2), (16, MAX_AUTO_DECODE_WORKERS)):
+    for cpus, in_processes, in_threads in ((1, 1, 1), (2, 2, 2), (16, 16, MAX_AUTO_DECODE_WORKERS)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
-        assert Settings().decode_workers == expected
+        assert Settings().decode_workers == in_processes
+        assert Settings(decode_in="threads").decode_workers == in_threads

@@ -44,7 +44,7 @@ async def decode_all(pool: DecodePool, images: list[bytes]) -> tuple[list[object
 
 
 async def test_results_keep_their_order_and_their_own_errors() -> None:
-    pool = DecodePool(fake_decode, workers=2)
+    pool = DecodePool.in_threads(fake_decode, workers=2)
     images = [f"ok:{i}".encode() for i in range(200)]
     images[5], images[77] = b"bad", b"boom"
     results, chunks = await decode_all(pool, images)
@@ -58,14 +58,14 @@ async def test_results_keep_their_order_and_their_own_errors() -> None:
 
 
 async def test_refused_images_carry_no_traceback() -> None:
-    pool = DecodePool(fake_decode, workers=1)
+    pool = DecodePool.in_threads(fake_decode, workers=1)
     results, _ = await decode_all(pool, [b"bad", b"boom"])
     pool.close()
     assert all(r.__traceback__ is None and r.__context__ is None for r in results)  # type: ignore[union-attr]
 
 
 async def test_calls_take_turns_so_a_big_call_does_not_hold_every_worker() -> None:
-    pool = DecodePool(fake_decode, workers=1)
+    pool = DecodePool.in_threads(fake_decode, workers=1)
     order: list[str] = []
     big_done, small_done = asyncio.Event(), asyncio.Event()
     big = [b"slow:1"] * 40
@@ -85,7 +85,7 @@ async def test_calls_take_turns_so_a_big_call_does_not_hold_every_worker() -> No
 
 
 async def test_a_lanes_requests_go_in_order_and_share_one_turn_with_other_callers() -> None:
-    pool = DecodePool(fake_decode, workers=1)
+    pool = DecodePool.in_threads(fake_decode, workers=1)
     order: list[str] = []
     finished = asyncio.Event()
 
@@ -118,7 +118,7 @@ async def test_a_cancelled_call_drops_its_queued_images() -> None:
             decoded.append(data)
         return fake_decode(data)
 
-    pool = DecodePool(counting, workers=1)
+    pool = DecodePool.in_threads(counting, workers=1)
     delivered: list[object] = []
     job = pool.submit([b"slow:1"] * 100, lambda start, chunk: delivered.extend(chunk))
     await asyncio.sleep(0.2)
@@ -130,7 +130,7 @@ async def test_a_cancelled_call_drops_its_queued_images() -> None:
 
 @pytest.mark.parametrize("workers", [1, 3])
 async def test_pending_counts_images_not_yet_handed_back(workers: int) -> None:
-    pool = DecodePool(fake_decode, workers=workers)
+    pool = DecodePool.in_threads(fake_decode, workers=workers)
     release = asyncio.Event()
     pool.submit([b"slow:1"] * 10, lambda start, chunk: release.set() if start + len(chunk) == 10 else None)
     assert pool.pending > 0

@@ -37,10 +37,8 @@ def server(model_dir: Path) -> Iterator[ServerProcess]:
 
 
 def rss(server: ServerProcess) -> int:
-    for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    """The server's resident memory now, its decode worker processes' included."""
+    return server.rss_bytes()
 
 
 def wait_for_rss_below(server: ServerProcess, limit: int, within_s: float) -> int:

@@ -1,0 +1,114 @@
+"""Decoding in child processes: the same pixels and errors as in-process, the parent's pixel
+budget held across the process boundary, and a worker that dies loses no image."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.decode_worker import SMALL_PIXELS, ProcessDecoder, Setup
+from server.errors import InvalidImage
+from server.preprocess import ImageLimits, PixelBudget, decode
+from tests import images
+
+LIMITS = ImageLimits(max_bytes=64 * 1024 * 1024, max_pixels=50_000_000)
+
+
+def big_png(width: int = 3000, height: int = 2000) -> bytes:
+    """A picture over SMALL_PIXELS that takes a while to decode."""
+    return images.encode(Image.fromarray(images.pattern(width, height, seed=3)), "PNG", compress_level=1)
+
+
+@pytest.fixture
+def budget() -> PixelBudget:
+    return PixelBudget(100_000_000)
+
+
+@pytest.fixture
+def worker(budget: PixelBudget):
+    decoder = ProcessDecoder(Setup(LIMITS, 224, idle_trim_s=0.2), budget)
+    yield decoder
+    decoder.close()
+
+
+def test_the_same_pixels_and_errors_as_decoding_in_process(worker: ProcessDecoder) -> None:
+    chunk = [images.png(40, 30, seed=1), b"not an image", images.jpeg(300, 200, seed=2), b"", images.png(seed=5)]
+    results = worker.decode(chunk)
+    assert len(results) == len(chunk)
+    for data, result in zip(chunk, results, strict=True):
+        try:
+            expected = decode(data, LIMITS, 224)
+        except InvalidImage as exc:
+            assert isinstance(result, InvalidImage) and str(result) == str(exc)
+            assert result.__traceback__ is None
+        else:
+            assert isinstance(result, np.ndarray) and result.dtype == np.uint8
+            np.testing.assert_array_equal(result, expected)
+
+
+def test_a_large_image_holds_the_parents_budget_while_it_decodes(worker: ProcessDecoder, budget: PixelBudget) -> None:
+    data = big_png()
+    assert SMALL_PIXELS < 3000 * 2000
+    held: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            held.append(budget.held)
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        (result,) = worker.decode([data])
+    finally:
+        done.set()
+        watcher.join()
+    np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
+    assert max(held) == 3000 * 2000
+    assert budget.held == 0
+
+
+def test_a_budget_smaller_than_an_image_lets_it_decode_alone() -> None:
+    budget = PixelBudget(SMALL_PIXELS + 1)
+    decoder = ProcessDecoder(Setup(LIMITS, 224, idle_trim_s=0.2), budget)
+    try:
+        (result,) = decoder.decode([big_png()])
+    finally:
+        decoder.close()
+    assert isinstance(result, np.ndarray)
+    assert budget.held == 0
+
+
+def test_a_worker_killed_mid_chunk_is_replaced_and_no_image_is_lost(
+    worker: ProcessDecoder, budget: PixelBudget
+) -> None:
+    chunk = [images.png(32, 32, seed=i) for i in range(3)] + [big_png()] + [images.png(seed=9)]
+    first_child = worker._process.pid
+
+    def kill_while_the_large_image_decodes() -> None:
+        while budget.held == 0:
+            time.sleep(0.001)
+        os.kill(first_child, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_while_the_large_image_decodes)
+    killer.start()
+    results = worker.decode(chunk)
+    killer.join()
+    assert worker._process.pid != first_child
+    for data, result in zip(chunk, results, strict=True):
+        np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
+    assert worker.decode([images.png()])[0].shape == (224, 224)
+
+
+def test_closing_ends_the_child(budget: PixelBudget) -> None:
+    decoder = ProcessDecoder(Setup(LIMITS, 224, idle_trim_s=0.2), budget)
+    decoder.decode([images.png()])
+    decoder.close()
+    assert decoder._process.poll() is not None
