@@ -12,6 +12,11 @@ input (512x512 grayscale JPEG, 64x64 grayscale PNG) one run measures
   in flight (first request sent to last answer);
 - host efficiency = server / (decode x the decode workers the server ran).
 
+The server's null model runs on one PyTorch thread (`--null-threads`, via
+OMP_NUM_THREADS), as a GPU's forward pass is issued from one thread: with
+PyTorch's default of a thread per CPU, its idle OpenMP threads spin after
+each op and take CPU time from the decode workers, which no GPU would.
+
 Decode and server alternate for `rounds` rounds; each one's best round counts.
 """
 
@@ -101,7 +106,8 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     flags = ["--model", model_dir, "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
              "--metrics-port", "0", *args.server_arg]  # fmt: skip
     results: dict[str, Any] = {}
-    with ServerProcess(flags, tree=tree) as server:
+    env = {"OMP_NUM_THREADS": str(args.null_threads)} if args.null_threads else None
+    with ServerProcess(flags, tree=tree, env=env) as server:
         workers = decode_workers(tree, server.lines, flags)
         for name, make in INPUTS.items():
             datas = make(args.distinct_images)
@@ -127,7 +133,8 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     batch = _logged_batch_size(server_log)
     config = {"server_tree": str(tree), "server_args": flags, "server_log": server_log, "model": "null",
               "request_images": args.request_images, "window": args.window, "rounds": args.rounds,
-              "decode_workers": workers, "max_batch_size": batch, "smoke": args.smoke}  # fmt: skip
+              "decode_workers": workers, "max_batch_size": batch, "smoke": args.smoke,
+              "null_model_threads": args.null_threads or "PyTorch default"}  # fmt: skip
     return {
         "machine": {**info, "load_average_end": machine.load_average()},
         "config": config,
@@ -156,7 +163,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{m['cpu']}, {m['cpus']} CPUs, load {m['load_average_start']} at start, {m['load_average_end']} at end",
         f"server: {c['server_tree']} with the null model ({result['null_model_images_per_s']:.0f} images/s "
-        f"alone at batch {c['max_batch_size']}), {c['decode_workers']} decode workers, "
+        f"alone at batch {c['max_batch_size']}; PyTorch threads in the server: {c.get('null_model_threads')}), "
+        f"{c['decode_workers']} decode workers, "
         f"EmbedStream {c['request_images']} images/request x {c['window']} in flight",
         "",
         f"{'input':<26}{'decode/thread':>15}{'server':>10}{'host efficiency':>17}",

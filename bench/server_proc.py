@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -29,8 +30,11 @@ SERVER_SAMPLES = (
 class ServerProcess:
     """`with ServerProcess(args) as server:` -> server.address once the engine is warmed up."""
 
-    def __init__(self, args: list[str], ready_timeout_s: float = 600.0, tree: Path = REPO) -> None:
+    def __init__(
+        self, args: list[str], ready_timeout_s: float = 600.0, tree: Path = REPO, env: dict[str, str] | None = None
+    ) -> None:
         self.args = args
+        self.env = env  # variables added to this process's environment
         self.tree = tree  # the checkout whose `python -m server` runs (another commit's, to compare)
         self.ready_timeout_s = ready_timeout_s
         self.lines: list[str] = []
@@ -43,6 +47,7 @@ class ServerProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "server", *self.args],
             cwd=self.tree,
+            env={**os.environ, **self.env} if self.env else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -7,8 +7,10 @@ threads decoded fewer images than 4; BENCHMARKS.md). Each `ProcessDecoder`
 owns one child process, started as `python -c` on this module's `main`, so
 the child imports Pillow and numpy, never PyTorch or gRPC.
 
-One decode pool thread drives each child over a pair of pipes: it sends a
-chunk of encoded images, and the child answers with the chunk's results.
+One decode pool thread drives each child over a pair of pipes: it sends
+chunks of encoded images, two in flight, and the child answers each with
+its results; a reader thread in the child takes the next chunk off the pipe
+while the child decodes, so neither side's write waits on the other's.
 Full-size pixels stay bounded over every process: before decoding an image
 larger than `small_pixels`, the child asks its parent thread to hold that
 many pixels of the server's `PixelBudget`, and releases them once resized
@@ -19,9 +21,12 @@ image that killed it: the chunk is retried image by image in a new child.
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import logging
 import os
 import pickle
+import queue
 import signal
 import subprocess
 import sys
@@ -57,56 +62,88 @@ class Setup:
     idle_trim_s: float  # idle this long after work, the child gives its freed memory back
 
 
+_F_SETPIPE_SZ = 1031
+_PIPE_BYTES = 1 << 20
+
+
 class _ChildDied(Exception):
     pass
 
 
 class ProcessDecoder:
-    """One child process that decodes chunks for one decode pool thread."""
+    """One child process that decodes chunks for one decode pool thread, two chunks in flight.
+
+    The pool thread `send`s a chunk, and may send the next before it
+    `receive`s the first one's results, so the child starts on the next
+    chunk while this process hands the last one on.
+    """
+
+    depth = 2
 
     def __init__(self, setup: Setup, budget: PixelBudget) -> None:
         self._setup = setup
         self._budget = budget
-        self._lock = threading.Lock()
+        self._sent: collections.deque[list[bytes]] = collections.deque()  # chunks the child owes results for
+        self._held = 0  # pixels of the budget the child holds now
+        self._dead = False
         self._start()
 
-    def decode(self, images: list[bytes]) -> list[Result]:
-        """The chunk's results in order; only an image that crashes the child fails for it."""
-        with self._lock:
+    def send(self, images: list[bytes]) -> None:
+        self._sent.append(images)
+        if not self._dead:
             try:
-                return self._exchange(images)
+                self._send(images)
             except _ChildDied:
-                self._restart()
-            if len(images) == 1:
-                log.error("a decode worker process died on an image of %d bytes; it was restarted", len(images[0]))
-                return [Internal("the decoder crashed on this image")]
-        return [result for image in images for result in self.decode([image])]
+                self._dead = True
+
+    def receive(self) -> list[Result]:
+        """The oldest sent chunk's results, in order; only an image that crashes the child fails for it."""
+        if not self._dead:
+            try:
+                results = self._results()
+            except _ChildDied:
+                self._dead = True
+            else:
+                self._sent.popleft()
+                return results
+        self._restart()
+        results = [self._retry_alone(image) for image in self._sent.popleft()]
+        for chunk in self._sent:  # lost with the old child: sent again, in order
+            self.send(chunk)
+        return results
+
+    def decode(self, images: list[bytes]) -> list[Result]:
+        self.send(images)
+        return self.receive()
 
     def close(self) -> None:
-        with self._lock:
-            self._stop()
+        self._stop()
 
-    def _exchange(self, images: list[bytes]) -> list[Result]:
-        held = 0
+    def _retry_alone(self, image: bytes) -> Result:
+        """After a crash, each image of the chunk on its own: the one that kills a child fails."""
         try:
-            self._send(images)
-            while True:
-                kind, value = self._receive()
-                if kind == "hold":
-                    held += self._budget.acquire(value)
-                    self._send(True)
-                elif kind == "release":
-                    granted = min(value, self._budget.capacity)
-                    self._budget.release(granted)
-                    held -= granted
-                else:
-                    results, failures = value
-                    for failure in failures:
-                        log.error("unexpected failure while decoding an image (in a decode worker):\n%s", failure)
-                    return results
-        finally:
-            if held:
-                self._budget.release(held)
+            self._send([image])
+            return self._results()[0]
+        except _ChildDied:
+            self._restart()
+        log.error("a decode worker process died on an image of %d bytes; it was restarted", len(image))
+        return Internal("the decoder crashed on this image")
+
+    def _results(self) -> list[Result]:
+        while True:
+            kind, value = self._receive()
+            if kind == "hold":
+                self._held += self._budget.acquire(value)
+                self._send(True)
+            elif kind == "release":
+                granted = min(value, self._budget.capacity)
+                self._budget.release(granted)
+                self._held -= granted
+            else:
+                results, failures = value
+                for failure in failures:
+                    log.error("unexpected failure while decoding an image (in a decode worker):\n%s", failure)
+                return results
 
     def _send(self, message: object) -> None:
         try:
@@ -132,6 +169,9 @@ class ProcessDecoder:
         )
         os.close(to_child_r)
         os.close(from_child_w)
+        for fd in (to_child_w, from_child_r):
+            with suppress(OSError):  # larger pipes: fewer switches per chunk (Linux; capped by pipe-max-size)
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
         self._to_child = Connection(to_child_w, readable=False)
         self._from_child = Connection(from_child_r, writable=False)
         self._to_child.send(self._setup)
@@ -150,15 +190,19 @@ class ProcessDecoder:
     def _restart(self) -> None:
         self._process.kill()
         self._stop()
+        if self._held:
+            self._budget.release(self._held)
+            self._held = 0
+        self._dead = False
         self._start()
 
 
 class _RemoteBudget:
     """The child's side of the parent's `PixelBudget`: large images ask, small ones do not."""
 
-    def __init__(self, to_parent: Connection, from_parent: Connection, small_pixels: int) -> None:
+    def __init__(self, to_parent: Connection, grants: queue.SimpleQueue[object], small_pixels: int) -> None:
         self._to_parent = to_parent
-        self._from_parent = from_parent
+        self._grants = grants
         self._small = small_pixels
 
     @contextmanager
@@ -167,7 +211,7 @@ class _RemoteBudget:
             yield
             return
         self._to_parent.send(("hold", pixels))
-        self._from_parent.recv()
+        self._grants.get()
         try:
             yield
         finally:
@@ -188,23 +232,40 @@ def _decode_chunk(images: list[bytes], setup: Setup, budget: _RemoteBudget) -> t
     return results, failures
 
 
+def _read(from_parent: Connection, chunks: queue.SimpleQueue[object], grants: queue.SimpleQueue[object]) -> None:
+    """Reads the parent's messages as they come, so its next chunk never waits on our results."""
+    while True:
+        try:
+            message = from_parent.recv()
+        except (EOFError, OSError, pickle.UnpicklingError):
+            message = None
+        if message is True:
+            grants.put(message)
+            continue
+        chunks.put(message)
+        if message is None:
+            return
+
+
 def main() -> None:
     """The child: decodes the chunks its parent sends until told to stop or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     from_parent = Connection(int(sys.argv[1]), writable=False)
     to_parent = Connection(int(sys.argv[2]), readable=False)
     setup: Setup = from_parent.recv()
-    budget = _RemoteBudget(to_parent, from_parent, SMALL_PIXELS)
+    chunks: queue.SimpleQueue[object] = queue.SimpleQueue()
+    grants: queue.SimpleQueue[object] = queue.SimpleQueue()
+    threading.Thread(target=_read, args=(from_parent, chunks, grants), daemon=True).start()
+    budget = _RemoteBudget(to_parent, grants, SMALL_PIXELS)
     dirty = False
     while True:
-        if dirty and not from_parent.poll(setup.idle_trim_s):
+        try:
+            images = chunks.get(timeout=setup.idle_trim_s) if dirty else chunks.get()
+        except queue.Empty:
             release_memory()
             dirty = False
-        try:
-            images = from_parent.recv()
-        except (EOFError, OSError, pickle.UnpicklingError):
-            return
+            continue
         if images is None:
             return
-        to_parent.send(("done", _decode_chunk(images, setup, budget)))
+        to_parent.send(("done", _decode_chunk(images, setup, budget)))  # type: ignore[arg-type]
         dirty = True

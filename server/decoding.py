@@ -42,9 +42,18 @@ MAX_CHUNK = 32
 
 
 class ChunkDecoder(Protocol):
-    """Decodes a chunk of images for one pool thread; every failure stays its image's result."""
+    """Decodes chunks of images for one pool thread; every failure stays its image's result.
 
-    def decode(self, images: list[bytes]) -> list[Decoded]: ...
+    Up to `depth` chunks are sent before the first one's results are received.
+    """
+
+    depth: int
+
+    def send(self, images: list[bytes]) -> None: ...
+
+    def receive(self) -> list[Decoded]:
+        """The results of the oldest chunk sent, in order."""
+        ...
 
     def close(self) -> None: ...
 
@@ -52,11 +61,17 @@ class ChunkDecoder(Protocol):
 class ThreadDecoder:
     """Decodes on the calling pool thread (no process of its own)."""
 
+    depth = 1
+
     def __init__(self, decode_one: Callable[[bytes], np.ndarray]) -> None:
         self._decode_one = decode_one
+        self._sent: collections.deque[list[bytes]] = collections.deque()
 
-    def decode(self, images: list[bytes]) -> list[Decoded]:
-        return [self._decode_safely(data) for data in images]
+    def send(self, images: list[bytes]) -> None:
+        self._sent.append(images)
+
+    def receive(self) -> list[Decoded]:
+        return [self._decode_safely(data) for data in self._sent.popleft()]
 
     def close(self) -> None:
         pass
@@ -166,11 +181,15 @@ class DecodePool:
             self._turns.clear()
             self._cond.notify_all()
 
-    def _take(self) -> tuple[DecodeJob, int, int] | None:
-        """The next lane in turn and a chunk of its first job: (job, first index, count); None once closed."""
+    def _take(self, wait: bool) -> tuple[DecodeJob, int, int] | None:
+        """The next lane in turn and a chunk of its first job: (job, first index, count).
+
+        None once closed, or when there is no work and not `wait`.
+        """
         with self._cond:
-            self._cond.wait_for(lambda: self._turns or self._closed)
-            if self._closed:
+            if wait:
+                self._cond.wait_for(lambda: self._turns or self._closed)
+            if self._closed or not self._turns:
                 return None
             lane = self._turns.popleft()
             job = lane.jobs[0]
@@ -188,22 +207,37 @@ class DecodePool:
             return job, start, count
 
     def _work(self, decoder: ChunkDecoder) -> None:
+        """Keeps up to `decoder.depth` chunks in flight, hands each back as its results come."""
+        in_flight: collections.deque[tuple[DecodeJob, int, int, float]] = collections.deque()
+        last_received = 0.0
         try:
-            while (taken := self._take()) is not None:
-                job, start, count = taken
-                began = time.perf_counter()
-                try:
-                    results = decoder.decode([job.images[index] for index in range(start, start + count)])
-                except Exception:
-                    log.exception("decode worker failed on a chunk of %d images", count)
-                    results = [Internal("internal error while decoding this image") for _ in range(count)]
-                elapsed = time.perf_counter() - began
-                with self._cond:
-                    self.busy_images -= count
-                    job.lane.seconds_per_image = elapsed / count
-                if not job.cancelled:
-                    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
-                        job.loop.call_soon_threadsafe(job.deliver, start, results)
-                del results
+            while True:
+                while len(in_flight) < decoder.depth and (taken := self._take(wait=not in_flight)) is not None:
+                    job, start, count = taken
+                    decoder.send([job.images[index] for index in range(start, start + count)])
+                    in_flight.append((job, start, count, time.perf_counter()))
+                if not in_flight:
+                    return  # closed
+                job, start, count, sent_at = in_flight.popleft()
+                results = self._receive(decoder, count)
+                # the decoder started on this chunk when it was sent or when it handed back the one before
+                began, last_received = max(sent_at, last_received), time.perf_counter()
+                self._hand_back(job, start, count, results, last_received - began)
         finally:
             decoder.close()
+
+    @staticmethod
+    def _receive(decoder: ChunkDecoder, count: int) -> list[Decoded]:
+        try:
+            return decoder.receive()
+        except Exception:
+            log.exception("decode worker failed on a chunk of %d images", count)
+            return [Internal("internal error while decoding this image") for _ in range(count)]
+
+    def _hand_back(self, job: DecodeJob, start: int, count: int, results: list[Decoded], seconds: float) -> None:
+        with self._cond:
+            self.busy_images -= count
+            job.lane.seconds_per_image = seconds / count
+        if not job.cancelled:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+                job.loop.call_soon_threadsafe(job.deliver, start, results)
