@@ -109,7 +109,11 @@ class ProcessDecoder:
         self._restart()
         results = [self._retry_alone(image) for image in self._sent.popleft()]
         for chunk in self._sent:  # lost with the old child: sent again, in order
-            self.send(chunk)
+            try:
+                self._send(chunk)
+            except _ChildDied:
+                self._dead = True
+                break
         return results
 
     def decode(self, images: list[bytes]) -> list[Result]:

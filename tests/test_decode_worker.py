@@ -107,6 +107,30 @@ def test_a_worker_killed_mid_chunk_is_replaced_and_no_image_is_lost(
     assert worker.decode([images.png()])[0].shape == (224, 224)
 
 
+def test_a_worker_killed_with_two_chunks_in_flight_answers_both(worker: ProcessDecoder, budget: PixelBudget) -> None:
+    first = [images.png(32, 32, seed=1), big_png(), images.png(seed=2)]
+    second = [images.jpeg(100, 80, seed=3), b"not an image", images.png(seed=4)]
+    child = worker._process.pid
+
+    def kill_while_the_large_image_decodes() -> None:
+        while budget.held == 0:
+            time.sleep(0.001)
+        os.kill(child, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_while_the_large_image_decodes)
+    killer.start()
+    worker.send(first)
+    worker.send(second)
+    results = worker.receive() + worker.receive()
+    killer.join()
+    assert worker._process.pid != child and budget.held == 0
+    for data, result in zip(first + second, results, strict=True):
+        if data == b"not an image":
+            assert isinstance(result, InvalidImage)
+        else:
+            np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
+
+
 def test_closing_ends_the_child(budget: PixelBudget) -> None:
     decoder = ProcessDecoder(Setup(LIMITS, 224, idle_trim_s=0.2), budget)
     decoder.decode([images.png()])
