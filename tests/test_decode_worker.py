@@ -25,6 +25,19 @@ def big_png(width: int = 3000, height: int = 2000) -> bytes:
     return images.encode(Image.fromarray(images.pattern(width, height, seed=3)), "PNG", compress_level=1)
 
 
+def kill_once_budget_is_held(pid: int, budget: PixelBudget) -> threading.Thread:
+    """Kills the child while it decodes a large image (it holds part of the budget then)."""
+
+    def kill() -> None:
+        while budget.held == 0:
+            time.sleep(0.001)
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
+
+
 @pytest.fixture
 def budget() -> PixelBudget:
     return PixelBudget(100_000_000)
@@ -92,13 +105,7 @@ def test_a_worker_killed_mid_chunk_is_replaced_and_no_image_is_lost(
     chunk = [images.png(32, 32, seed=i) for i in range(3)] + [big_png()] + [images.png(seed=9)]
     first_child = worker._process.pid
 
-    def kill_while_the_large_image_decodes() -> None:
-        while budget.held == 0:
-            time.sleep(0.001)
-        os.kill(first_child, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_while_the_large_image_decodes)
-    killer.start()
+    killer = kill_once_budget_is_held(first_child, budget)
     results = worker.decode(chunk)
     killer.join()
     assert worker._process.pid != first_child
@@ -112,13 +119,7 @@ def test_a_worker_killed_with_two_chunks_in_flight_answers_both(worker: ProcessD
     second = [images.jpeg(100, 80, seed=3), b"not an image", images.png(seed=4)]
     child = worker._process.pid
 
-    def kill_while_the_large_image_decodes() -> None:
-        while budget.held == 0:
-            time.sleep(0.001)
-        os.kill(child, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_while_the_large_image_decodes)
-    killer.start()
+    killer = kill_once_budget_is_held(child, budget)
     worker.send(first)
     worker.send(second)
     results = worker.receive() + worker.receive()
