@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -70,12 +71,21 @@ class MalformedRequest:
         self.message = f"request body is not a valid message of this RPC: {reason}"
 
 
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+@dataclass(frozen=True)
+class _Sized:
+    """An `EmbedRequest` and its size on the wire (upb's `ByteSize()` serializes the message again)."""
+
+    request: embed_pb2.EmbedRequest
+    nbytes: int
+
+
+def _lenient(parse: Callable[[bytes], Any], sized: bool = False) -> Callable[[bytes], Any]:
     def deserialize(raw: bytes) -> Any:
         try:
-            return parse(raw)
+            message = parse(raw)
         except DecodeError as exc:
             return MalformedRequest(str(exc)[:200] or "cannot be parsed")
+        return _Sized(message, len(raw)) if sized else message
 
     return deserialize
 
@@ -86,10 +96,10 @@ def add_to_server(servicer: EmbedServicer, server: grpc.aio.Server) -> None:
     handlers = {
         # Unary on the wire, read by the servicer itself (see EmbedServicer.Embed).
         "Embed": grpc.stream_unary_rpc_method_handler(
-            servicer.Embed, _lenient(request.FromString), response.SerializeToString
+            servicer.Embed, _lenient(request.FromString, sized=True), response.SerializeToString
         ),
         "EmbedStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EmbedStream, _lenient(request.FromString), response.SerializeToString
+            servicer.EmbedStream, _lenient(request.FromString, sized=True), response.SerializeToString
         ),
         "Info": grpc.unary_unary_rpc_method_handler(
             servicer.Info, _lenient(embed_pb2.InfoRequest.FromString), info.SerializeToString
@@ -154,18 +164,19 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self._receiving = asyncio.Semaphore(service.settings.max_receiving_requests)
 
     async def _embed(
-        self, request: embed_pb2.EmbedRequest, deadline: float | None, lane: Lane | None = None
+        self, received: _Sized | MalformedRequest, deadline: float | None, lane: Lane | None = None
     ) -> embed_pb2.EmbedResponse:
         started = time.monotonic()
         try:
-            if isinstance(request, MalformedRequest):
-                raise errors.InvalidRequest(request.message)
+            if isinstance(received, MalformedRequest):
+                raise errors.InvalidRequest(received.message)
+            request = received.request
             _check_response_size(request, self._service.info.embedding_dim, self._service.settings.max_request_bytes)
             results = await self._service.embed(
-                _ImageBytes(request.images), _options(request), deadline, nbytes=request.ByteSize(), lane=lane
+                _ImageBytes(request.images), _options(request), deadline, nbytes=received.nbytes, lane=lane
             )
         except errors.EmbedError as exc:
-            level = logging.WARNING if isinstance(request, MalformedRequest) else logging.INFO
+            level = logging.WARNING if isinstance(received, MalformedRequest) else logging.INFO
             log.log(level, "request refused: %s: %s", status_of(exc).name, exc)
             raise
         for index, result in enumerate(results):
@@ -176,7 +187,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         return response
 
     async def Embed(
-        self, requests: AsyncIterator[embed_pb2.EmbedRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[_Sized | MalformedRequest], context: grpc.aio.ServicerContext
     ) -> embed_pb2.EmbedResponse:
         """A unary call whose body is read only once a receive slot is free.
 
@@ -197,7 +208,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self._metrics.requests.labels("Embed", refusal[0].name).inc()
         await context.abort(*refusal)
 
-    async def _receive(self, requests: AsyncIterator[embed_pb2.EmbedRequest]) -> embed_pb2.EmbedRequest:
+    async def _receive(self, requests: AsyncIterator[_Sized | MalformedRequest]) -> _Sized | MalformedRequest:
         timeout = self._service.settings.receive_timeout_s
         async with self._receiving:
             try:
@@ -210,7 +221,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         return request
 
     async def EmbedStream(
-        self, request_iterator: AsyncIterator[embed_pb2.EmbedRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[_Sized | MalformedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[embed_pb2.EmbedResponse]:
         """Up to `stream_window` requests in flight; responses in request order.
 
@@ -252,7 +263,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
             cancel_outstanding()
 
     async def _stream_one(
-        self, request: embed_pb2.EmbedRequest, deadline: float | None, lane: Lane
+        self, request: _Sized | MalformedRequest, deadline: float | None, lane: Lane
     ) -> embed_pb2.EmbedResponse:
         try:
             response = await self._embed(request, deadline, lane)
