@@ -1,4 +1,4 @@
-"""Decoding on worker threads: fair between calls, handed back to the event loop in chunks.
+"""The decode pool: fair between callers, handed back to the event loop in chunks.
 
 Each request's images form a job, and each caller's jobs a lane: a unary
 call is a lane of its own, a stream's requests share one, in order. Workers
