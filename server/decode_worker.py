@@ -31,16 +31,17 @@ import signal
 import subprocess
 import sys
 import threading
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 
-from server.errors import EmbedError, Internal, detached
+from server.decoding import decode_safely
+from server.errors import EmbedError, Internal
 from server.preprocess import ImageLimits, PixelBudget, decode
 from server.runtime import release_memory
 
@@ -223,16 +224,14 @@ class _RemoteBudget:
 
 
 def _decode_chunk(images: list[bytes], setup: Setup, budget: _RemoteBudget) -> tuple[list[Result], list[str]]:
+    decode_one = partial(decode, limits=setup.limits, image_size=setup.image_size, budget=budget)
     results: list[Result] = []
     failures: list[str] = []
     for data in images:
-        try:
-            results.append(decode(data, setup.limits, setup.image_size, budget))
-        except EmbedError as exc:
-            results.append(detached(exc))
-        except Exception:
-            failures.append(traceback.format_exc(limit=8))
-            results.append(Internal("internal error while decoding this image"))
+        result, failure = decode_safely(decode_one, data)
+        results.append(result)
+        if failure is not None:
+            failures.append(failure)
     return results, failures
 
 

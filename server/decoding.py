@@ -22,6 +22,7 @@ import contextlib
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,6 +40,20 @@ Deliver = Callable[[int, list[Decoded]], None]
 """Called on the job's event loop with a chunk: the index of its first image and the results."""
 
 MAX_CHUNK = 32
+
+
+def decode_safely(decode_one: Callable[[bytes], np.ndarray], data: bytes) -> tuple[Decoded, str | None]:
+    """One image's result; a failure of any kind stays this image's, never the call's.
+
+    An unexpected failure also returns its traceback, for the caller to log
+    (a decode worker process sends it to the server, which logs it).
+    """
+    try:
+        return decode_one(data), None
+    except EmbedError as exc:
+        return detached(exc), None
+    except Exception:
+        return Internal("internal error while decoding this image"), traceback.format_exc(limit=8)
 
 
 class ChunkDecoder(Protocol):
@@ -71,19 +86,16 @@ class ThreadDecoder:
         self._sent.append(images)
 
     def receive(self) -> list[Decoded]:
-        return [self._decode_safely(data) for data in self._sent.popleft()]
+        results = []
+        for data in self._sent.popleft():
+            result, failure = decode_safely(self._decode_one, data)
+            if failure is not None:
+                log.error("unexpected failure while decoding an image of %d bytes:\n%s", len(data), failure)
+            results.append(result)
+        return results
 
     def close(self) -> None:
         pass
-
-    def _decode_safely(self, data: bytes) -> Decoded:
-        try:
-            return self._decode_one(data)
-        except EmbedError as exc:
-            return detached(exc)
-        except Exception:
-            log.exception("unexpected failure while decoding an image of %d bytes", len(data))
-            return Internal("internal error while decoding this image")
 
 
 @dataclass(eq=False)
@@ -119,7 +131,6 @@ class DecodePool:
     """One thread per decoder, taking chunks of every caller's jobs in turn."""
 
     def __init__(self, decoders: Sequence[ChunkDecoder], slice_s: float = 0.02) -> None:
-        self._decoders = list(decoders)
         self._slice_s = slice_s
         self._turns: collections.deque[Lane] = collections.deque()  # the lanes with queued jobs
         self._cond = threading.Condition()
@@ -127,7 +138,7 @@ class DecodePool:
         self.busy_images = 0  # images taken by a worker and not yet handed back
         self._threads = [
             threading.Thread(target=self._work, args=(decoder,), name=f"decode-{n}", daemon=True)
-            for n, decoder in enumerate(self._decoders)
+            for n, decoder in enumerate(decoders)
         ]
         for thread in self._threads:
             thread.start()

@@ -26,7 +26,7 @@ def strict_server(make_server_module) -> RunningServer:
 def rss_peak_mb() -> float:
     """This process's peak and its children's (the in-process server's decode workers), in MB."""
     children = process_tree(os.getpid())[1:]
-    hwm = sum(peak for pid in children if (peak := status_kb(pid, "VmHWM")))
+    hwm = sum(status_kb(pid, "VmHWM") for pid in children)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + hwm) / 1024
 
 

@@ -36,14 +36,9 @@ def server(model_dir: Path) -> Iterator[ServerProcess]:
         yield running
 
 
-def rss(server: ServerProcess) -> int:
-    """The server's resident memory now, its decode worker processes' included."""
-    return server.rss_bytes()
-
-
 def wait_for_rss_below(server: ServerProcess, limit: int, within_s: float) -> int:
     deadline = time.monotonic() + within_s
-    while (now := rss(server)) > limit and time.monotonic() < deadline:
+    while (now := server.rss_bytes()) > limit and time.monotonic() < deadline:
         time.sleep(0.5)
     return now
 
@@ -148,6 +143,8 @@ def test_a_client_of_huge_images_does_not_starve_a_small_request(server: ServerP
     finally:
         heavy_call.cancel()
     assert server.peak_rss_bytes() < 2.5 * GB
+    after = wait_for_rss_below(server, int(1.5 * GB), within_s=30)
+    assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the load"
 
 
 def test_two_thousand_connections_get_answers_or_clear_refusals(server: ServerProcess) -> None:
@@ -173,3 +170,5 @@ def test_two_thousand_connections_get_answers_or_clear_refusals(server: ServerPr
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, outcomes
     assert outcomes["OK"] > 0
     assert server.peak_rss_bytes() < 2.5 * GB
+    after = wait_for_rss_below(server, int(1.5 * GB), within_s=30)
+    assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the load"

@@ -287,23 +287,20 @@ def _end_forked_copies() -> None:
 
 
 def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
+    return _processes_with(1, pid)  # field 1 after the name in /proc/<pid>/stat: the parent
 
 
 def _session_members(sid: int) -> list[int]:
+    return _processes_with(4, sid)  # field 4: the session
+
+
+def _processes_with(stat_field: int, value: int) -> list[int]:
+    """The processes whose /proc/<pid>/stat field (counted after the command name) equals value."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[4]) == sid:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[stat_field]) == value:
                     found.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 continue
