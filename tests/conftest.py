@@ -89,6 +89,7 @@ class ControlledRunner:
         self.failing = False
         self.fail_batches = 0
         self.images_seen = 0
+        self.calls = 0  # forward passes begun, counted before any gate or delay
         self.allowed_images: float = float("inf")  # a batch that would pass this count waits in the model
         self._allowance = threading.Condition()
 
@@ -96,6 +97,7 @@ class ControlledRunner:
         return getattr(self._runner, name)
 
     def embed(self, pixels: np.ndarray) -> Any:
+        self.calls += 1
         with self._allowance:
             self._allowance.wait_for(lambda: self.images_seen + len(pixels) <= self.allowed_images)
         time.sleep(self.delay_s)

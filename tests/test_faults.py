@@ -67,16 +67,16 @@ def test_health_is_not_serving_while_the_model_fails_and_serving_after(make_serv
 def test_expired_unary_requests_never_reach_the_model(make_server, runner) -> None:
     controlled = ControlledRunner(runner)
     server = make_server(controlled, max_wait_ms=0)
-    controlled.delay_s = 0.5
+    seen_before, calls_before = controlled.images_seen, controlled.calls
+    controlled.allow(seen_before)  # the busy image's batch waits in the model until released
     busy = threading.Thread(target=lambda: server.stub.Embed(request(1), timeout=30))
     busy.start()
-    time.sleep(0.1)
-    seen_before = controlled.images_seen
+    wait_for(lambda: controlled.calls > calls_before)
     with pytest.raises(grpc.RpcError) as info:
         server.stub.Embed(request(5, seed=50), timeout=0.15)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    controlled.allow(float("inf"))
     busy.join()
-    controlled.delay_s = 0.0
     server.stub.Embed(request(1), timeout=30)
     assert controlled.images_seen - seen_before == 1 + 1  # the busy image and the last one
     dropped = server.metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) + server.metrics.value(
