@@ -247,8 +247,20 @@ class DecodePool:
 
     def _hand_back(self, job: DecodeJob, start: int, count: int, results: list[Decoded], seconds: float) -> None:
         with self._cond:
-            self.busy_images -= count
             job.lane.seconds_per_image = seconds / count
         if not job.cancelled:
-            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
-                job.loop.call_soon_threadsafe(job.deliver, start, results)
+            try:
+                job.loop.call_soon_threadsafe(self._deliver, job, start, count, results)
+                return
+            except RuntimeError:  # the caller's loop is closed: nobody waits
+                pass
+        with self._cond:
+            self.busy_images -= count
+
+    def _deliver(self, job: DecodeJob, start: int, count: int, results: list[Decoded]) -> None:
+        """On the job's loop: the chunk stops counting as pending as its images reach the caller,
+        in one step, so `pending` never reads 0 while decoded images are on their way."""
+        with self._cond:
+            self.busy_images -= count
+        if not job.cancelled:
+            job.deliver(start, results)

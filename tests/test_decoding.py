@@ -138,3 +138,21 @@ async def test_pending_counts_images_not_yet_handed_back(workers: int) -> None:
     await asyncio.sleep(0.05)
     assert pool.pending == 0
     pool.close()
+
+
+async def test_a_chunk_stays_pending_until_it_reaches_the_caller() -> None:
+    """The batcher flushes early when nothing is pending: decoded images on their way must count."""
+    pool = DecodePool.in_threads(fake_decode, workers=1)
+    pending_at_delivery: list[int] = []
+    delivered = asyncio.Event()
+
+    def deliver(start: int, chunk: list[object]) -> None:
+        pending_at_delivery.append(pool.pending)
+        delivered.set()
+
+    pool.submit([b"ok:1"], deliver)
+    time.sleep(0.3)  # the event loop is busy while the worker decodes and hands the chunk back
+    assert pool.pending == 1 and not delivered.is_set()
+    await asyncio.wait_for(delivered.wait(), timeout=10)
+    assert pending_at_delivery == [0]
+    pool.close()

@@ -37,7 +37,7 @@ def test_a_failing_batch_fails_only_its_images_then_the_next_batch_succeeds(
     make_server, runner, reference: Reference
 ) -> None:
     controlled = ControlledRunner(runner)
-    server = make_server(controlled, probe_interval_s=0.1)
+    server = make_server(controlled, probe_interval_s=0.1, max_wait_ms=2000)  # the 3 images form one batch
     controlled.fail_batches = 1
     failed = server.stub.Embed(request(3), timeout=30)
     assert [e.error.code for e in failed.embeddings] == [grpc.StatusCode.INTERNAL.value[0]] * 3
