@@ -10,7 +10,11 @@ input (512x512 grayscale JPEG, 64x64 grayscale PNG) one run measures
 - server: images/s of `python -m server` with the null model, answering an
   `EmbedStream` of `request_images` images per request with `window` requests
   in flight (first request sent to last answer);
-- host efficiency = server / (decode x the decode workers the server ran).
+- host efficiency = server / (decode x the decode workers the server ran);
+- where the CPU went while the server streamed: CPU milliseconds per image of
+  the server's event loop (its main thread), compute thread, decode pool
+  threads and other threads (gRPC's), of its decode worker processes, and of
+  the benchmark's own client (from /proc; the server names its threads).
 
 The server's null model runs on one PyTorch thread (`--null-threads`, via
 OMP_NUM_THREADS), as a GPU's forward pass is issued from one thread: with
@@ -23,6 +27,7 @@ Decode and server alternate for `rounds` rounds; each one's best round counts.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
 import subprocess
@@ -37,7 +42,7 @@ import torch
 
 from bench import driver, machine
 from bench.images import gray_jpegs, gray_pngs
-from bench.server_proc import REPO, ServerProcess
+from bench.server_proc import REPO, ServerProcess, thread_cpu_seconds
 from server.config import Settings
 from server.model import ModelRunner
 
@@ -46,6 +51,7 @@ INPUTS: dict[str, Callable[[int], list[bytes]]] = {
     "64x64 grayscale PNG": lambda count: gray_pngs(count, 64),
 }
 WORKERS_LOGGED = re.compile(r"(\d+) decode workers")
+CPU_PARTS = ("event loop", "compute", "decode pool", "decode workers", "other threads", "client")
 
 # Run in the server's checkout: its own decode, on one thread, for about `seconds`.
 _DECODE_RATE = """
@@ -114,11 +120,15 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
             requests = driver.requests_for(datas, args.request_images * 8, args.request_images)
             driver.stream(server.address, requests[: max(2, args.window // 4)], args.window)  # warm-up
             decode_best = server_best = 0.0
-            rounds = []
+            rounds: list[dict[str, Any]] = []
+            cpu: dict[str, float] = {}
             for _ in range(args.rounds):
                 decode_ips = decode_rate(tree, datas, 224, args.decode_seconds)
-                server_ips = _server_rate(server.address, requests, args.window, args.server_seconds)
-                rounds.append({"decode": decode_ips, "server": server_ips, "load_average": machine.load_average()})
+                server_ips, cpu_round = _server_rate(server, requests, args.window, args.server_seconds)
+                rounds.append({"decode": decode_ips, "server": server_ips, "load_average": machine.load_average(),
+                               "cpu_ms_per_image": cpu_round})  # fmt: skip
+                if server_ips > server_best:
+                    cpu = cpu_round
                 decode_best, server_best = max(decode_best, decode_ips), max(server_best, server_ips)
                 log(f"{name}: decode {decode_ips:.0f}/s per thread, server {server_ips:.0f}/s, "
                     f"load {rounds[-1]['load_average']}")  # fmt: skip
@@ -126,6 +136,7 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
                 "decode_per_thread": decode_best,
                 "server": server_best,
                 "host_efficiency": server_best / (decode_best * workers),
+                "cpu_ms_per_image": cpu,
                 "encoded_bytes_mean": sum(map(len, datas)) / len(datas),
                 "rounds": rounds,
             }
@@ -143,12 +154,39 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     }
 
 
-def _server_rate(address: str, distinct: list[Any], window: int, seconds: float) -> float:
-    """Streams for about `seconds`: a first stream of 2 windows sizes the timed one."""
-    first = driver.stream(address, [distinct[i % len(distinct)] for i in range(2 * window)], window)
+def _server_rate(
+    server: ServerProcess, distinct: list[Any], window: int, seconds: float
+) -> tuple[float, dict[str, float]]:
+    """Images/s over about `seconds` (a first stream of 2 windows sizes the timed one), and the
+    CPU milliseconds per image of each part (`CPU_PARTS`) during the timed stream."""
+    first = driver.stream(server.address, [distinct[i % len(distinct)] for i in range(2 * window)], window)
     count = max(2 * window, round(first.images_per_s * seconds / len(distinct[0].images)))
-    timed = driver.stream(address, [distinct[i % len(distinct)] for i in range(count)], window)
-    return timed.images_per_s
+    before, client_before = thread_cpu_seconds(server.pid), _own_cpu_seconds()
+    timed = driver.stream(server.address, [distinct[i % len(distinct)] for i in range(count)], window)
+    after, client_after = thread_cpu_seconds(server.pid), _own_cpu_seconds()
+    used = dict.fromkeys(CPU_PARTS, 0.0)
+    for (pid, tid, name), total in after.items():
+        used[_part(server.pid, pid, tid, name)] += total - before.get((pid, tid, name), 0.0)
+    used["client"] = client_after - client_before
+    return timed.images_per_s, {part: 1000 * cpu / timed.images for part, cpu in used.items()}
+
+
+def _part(server_pid: int, pid: int, tid: int, name: str) -> str:
+    """Which of CPU_PARTS a thread is, from the names the server gives its threads (server/runtime.py)."""
+    if pid != server_pid:
+        return "decode workers"
+    if tid == pid:
+        return "event loop"
+    if name.startswith("torch"):
+        return "compute"
+    if name.startswith("decode-"):
+        return "decode pool"
+    return "other threads"
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def _logged_batch_size(server_log: list[str]) -> int | None:
@@ -172,6 +210,13 @@ def table(result: dict[str, Any]) -> str:
     for name, r in result["inputs"].items():
         lines.append(f"{name:<26}{r['decode_per_thread']:>15.0f}{r['server']:>10.0f}{r['host_efficiency']:>17.2f}")
     lines.append("(images/s, best of each round; host efficiency = server / (decode per thread x decode workers))")
+    lines += ["", "CPU per image while the server streamed, its best round (ms):", f"{'input':<26}"
+              + "".join(f"{part:>15}" for part in CPU_PARTS) + f"{'total':>10}"]  # fmt: skip
+    for name, r in result["inputs"].items():
+        cpu = r["cpu_ms_per_image"]
+        lines.append(f"{name:<26}" + "".join(f"{cpu[part]:>15.3f}" for part in CPU_PARTS)
+                     + f"{sum(cpu.values()):>10.3f}")  # fmt: skip
+    lines.append("(user + system time from /proc; a server without named threads counts them as other threads)")
     return "\n".join(lines)
 
 

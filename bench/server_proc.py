@@ -128,6 +128,22 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def thread_cpu_seconds(root: int) -> dict[tuple[int, int, str], float]:
+    """CPU seconds (user + system) of every thread of `root` and its descendants, by (pid, tid, OS name)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for pid in process_tree(root):
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            seconds[(pid, int(task.name), name)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
 def status_kb(pid: int, key: str) -> int:
     try:
         text = Path(f"/proc/{pid}/status").read_text()

@@ -43,7 +43,7 @@ import numpy as np
 from server.decoding import decode_safely
 from server.errors import EmbedError, Internal
 from server.preprocess import ImageLimits, PixelBudget, decode
-from server.runtime import release_memory
+from server.runtime import name_os_thread, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ def _read(from_parent: Connection, chunks: queue.SimpleQueue[object], grants: qu
 def main() -> None:
     """The child: decodes the chunks its parent sends until told to stop or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    name_os_thread("decode-worker")
     from_parent = Connection(int(sys.argv[1]), writable=False)
     to_parent = Connection(int(sys.argv[2]), readable=False)
     setup: Setup = from_parent.recv()

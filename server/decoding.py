@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from server.errors import EmbedError, Internal, detached
+from server.runtime import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,7 @@ class DecodePool:
 
     def _work(self, decoder: ChunkDecoder) -> None:
         """Keeps up to `decoder.depth` chunks in flight, hands each back as its results come."""
+        name_os_thread(threading.current_thread().name)
         in_flight: collections.deque[tuple[DecodeJob, int, int, float]] = collections.deque()
         last_received = 0.0
         try:

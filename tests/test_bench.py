@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from bench.__main__ import main
+from bench.host_path import CPU_PARTS
 
 
 def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
@@ -54,4 +55,10 @@ def test_host_path_smoke_prints_both_efficiencies(tmp_path: Path, capsys) -> Non
         assert r["decode_per_thread"] > 0 and r["server"] > 0, name
         assert r["host_efficiency"] == r["server"] / (r["decode_per_thread"] * workers)
         assert f"{r['host_efficiency']:.2f}" in printed.split(name)[1].splitlines()[0]
+        cpu = r["cpu_ms_per_image"]
+        assert set(cpu) == set(CPU_PARTS), name
+        # decoding runs in the worker processes (the default), the event loop and compute thread are named apart
+        assert cpu["decode workers"] > 0 and cpu["decode workers"] > cpu["decode pool"], (name, cpu)
+        assert cpu["event loop"] + cpu["compute"] > 0, (name, cpu)
+        assert f"{sum(cpu.values()):.3f}" in printed.split(name)[2].splitlines()[0]
     assert {"load_average_start", "load_average_end", "cpu"} <= result["machine"].keys()
