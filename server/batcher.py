@@ -2,10 +2,13 @@
 
 One asyncio task owns the queue. It waits for a first image, then fills the
 batch until `max_batch_size` images or until the first image has waited
-`max_wait_ms`; whatever queued up while the model was busy goes into the next
-batch at once. Images whose caller left or whose deadline passed are dropped
-before the forward pass. The forward pass runs on the model's compute thread,
-so the event loop keeps serving I/O meanwhile; one that takes longer than
+`max_wait_ms`, or `backlog_wait_ms` when enough images to fill the batch are
+already being decoded (the host is the bottleneck then, and a full batch
+costs it less per image); it waits for nothing when no image is on its way.
+Whatever queued up while the model was busy goes into the next batch at once.
+Images whose caller left or whose deadline passed are dropped before the
+forward pass. The forward pass runs on the model's compute thread, so the
+event loop keeps serving I/O meanwhile; one that takes longer than
 `forward_timeout_s` fails its images and marks the worker unhealthy.
 
 Callers hand images over in chunks (`put`), each with a `Sink` that takes
@@ -99,12 +102,14 @@ class Batcher:
         probe: Callable[[], None] | None = None,
         probe_interval_s: float = 2.0,
         on_health: Callable[[bool], None] = lambda healthy: None,
-        more_coming: Callable[[], bool] = lambda: True,
+        coming: Callable[[], int] = lambda: 1,
+        backlog_wait_ms: float | None = None,
     ) -> None:
         self._forward = forward
         # Read each time a batch is formed: the runner lowers it after running out of device memory.
         self._batch_limit = batch_limit or (lambda: max_batch_size)
         self._max_wait_s = max_wait_ms / 1000.0
+        self._backlog_wait_s = max(max_wait_ms, backlog_wait_ms or 0.0) / 1000.0
         self._metrics = metrics
         self._own_compute = compute is None
         self._compute = compute or ComputeThread("forward")
@@ -112,7 +117,7 @@ class Batcher:
         self._probe = probe
         self._probe_interval_s = probe_interval_s
         self._on_health = on_health
-        self._more_coming = more_coming
+        self._coming = coming
         self._healthy = True
         self.stalled = False  # a forward pass overran its timeout and has not returned yet
         self._prober: asyncio.Task[None] | None = None
@@ -258,24 +263,26 @@ class Batcher:
 
     async def _collect(self, running: asyncio.Task[None] | None) -> list[_Entry]:
         """Waits for a first image, then for a full batch: as long as the model is busy with
-        `running`, else up to max_wait after the first image.
+        `running`, else up to max_wait after the first image (backlog_wait when `coming()`
+        images, those on their way from decoding, would fill it).
 
-        It stops waiting early when `more_coming()` says no other image is on
-        its way (a lone request is not held back for nothing).
+        It stops waiting when nothing is on its way (a lone request is not held back for nothing).
         """
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
-        flush_at = self._pending[0].enqueued_at + self._max_wait_s
+        first_at = self._pending[0].enqueued_at
         limit = self._batch_limit()
         while len(self._pending) < limit:
             if running is not None and not running.done():
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if not self._more_coming():
+            coming = self._coming()
+            if coming <= 0:
                 break
-            remaining = flush_at - time.monotonic()
+            fills = coming >= limit - len(self._pending)
+            remaining = first_at + (self._backlog_wait_s if fills else self._max_wait_s) - time.monotonic()
             if remaining <= 0:
                 break
             self._wakeup.clear()

@@ -48,6 +48,11 @@ class Settings:
         kind_name="int or auto",
     )
     max_wait_ms: float = _opt(5.0, "Longest an image waits for a batch to fill.")
+    backlog_wait_ms: float = _opt(
+        50.0,
+        "Longest an image waits for a batch to fill when enough images to fill it are being decoded "
+        "(the host is the bottleneck: a full batch costs it less per image).",
+    )
     max_queue_images: int = _opt(1024, "Images accepted but not yet answered; beyond it RESOURCE_EXHAUSTED.")
     max_images_per_request: int = _opt(256, "Most images in one EmbedRequest.")
     max_image_bytes: int = _opt(32 * 1024 * 1024, "Largest encoded image, in bytes.")
@@ -97,8 +102,10 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.preprocess_workers < 0:
             raise ValueError(f"preprocess_workers must not be negative, not {self.preprocess_workers}")
-        if self.max_wait_ms < 0 or self.grace_s < 0 or self.probe_interval_s <= 0:
-            raise ValueError("max_wait_ms and grace_s must not be negative, probe_interval_s must be positive")
+        if min(self.max_wait_ms, self.backlog_wait_ms, self.grace_s) < 0 or self.probe_interval_s <= 0:
+            raise ValueError(
+                "max_wait_ms, backlog_wait_ms and grace_s must not be negative, probe_interval_s must be positive"
+            )
         if self.forward_timeout_s <= 0 or self.receive_timeout_s <= 0 or self.idle_trim_s < 0:
             raise ValueError("forward_timeout_s and receive_timeout_s must be positive, idle_trim_s not negative")
         if not 0 <= self.port <= 65535:

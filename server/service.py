@@ -167,7 +167,8 @@ class EmbedService:
             probe=runner.warmup,
             probe_interval_s=settings.probe_interval_s,
             on_health=self._set_healthy,
-            more_coming=lambda: self._decoder.pending > 0,
+            coming=lambda: self._decoder.pending,
+            backlog_wait_ms=settings.backlog_wait_ms,
         )
         self._admission = Admission(settings.max_queue_images, settings.max_inflight_bytes)
         self._trim: asyncio.TimerHandle | None = None
@@ -209,8 +210,9 @@ class EmbedService:
         await asyncio.wrap_future(self.runner.compute.submit(self.runner.warmup))
         self._ready = True
         self._notify()
-        log.info("engine ready: batches of up to %d, max wait %.1f ms, queue bound %d images, %d decode workers (%s)",
-                 self.info.max_batch_size, self.settings.max_wait_ms, self.settings.max_queue_images,
+        log.info("engine ready: batches of up to %d, max wait %.1f ms (%.1f ms with a backlog), queue bound %d images, "
+                 "%d decode workers (%s)", self.info.max_batch_size, self.settings.max_wait_ms,
+                 max(self.settings.max_wait_ms, self.settings.backlog_wait_ms), self.settings.max_queue_images,
                  self.settings.decode_workers, self.settings.decode_in)  # fmt: skip
 
     @staticmethod

@@ -72,11 +72,44 @@ async def test_a_lone_image_waits_at_most_max_wait() -> None:
 
 async def test_a_lone_image_is_not_held_back_when_nothing_more_is_coming() -> None:
     model = FakeModel()
-    batcher = Batcher(model, max_batch_size=8, max_wait_ms=500.0, metrics=Metrics(), more_coming=lambda: False)
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=500.0, metrics=Metrics(), coming=lambda: 0)
     batcher.start()
     t0 = time.monotonic()
     out = await batcher.submit(image(7))
     assert time.monotonic() - t0 < 0.25 and out.batch_size == 1
+    await batcher.close()
+
+
+async def test_a_backlog_that_fills_the_batch_is_waited_for_past_max_wait() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=10.0, backlog_wait_ms=5000.0, metrics=Metrics(),
+                      coming=lambda: 100)  # fmt: skip
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(image(0)))
+    await asyncio.sleep(0.2)  # 20 x max_wait: without the backlog rule the first image would have gone alone
+    rest = await asyncio.gather(*(batcher.submit(image(v)) for v in range(1, 8)))
+    out = await first
+    assert model.batches == [8] and out.queue_s >= 0.19 and all(o.batch_size == 8 for o in rest)
+    await batcher.close()
+
+
+async def test_a_backlog_too_small_to_fill_the_batch_waits_only_max_wait() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=10.0, backlog_wait_ms=5000.0, metrics=Metrics(),
+                      coming=lambda: 3)  # fmt: skip
+    batcher.start()
+    out = await batcher.submit(image(0))
+    assert out.batch_size == 1 and out.queue_s < 1.0
+    await batcher.close()
+
+
+async def test_the_backlog_wait_is_bounded() -> None:
+    model = FakeModel()
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=0.0, backlog_wait_ms=100.0, metrics=Metrics(),
+                      coming=lambda: 100)  # fmt: skip
+    batcher.start()
+    out = await batcher.submit(image(0))
+    assert out.batch_size == 1 and 0.09 <= out.queue_s < 1.0
     await batcher.close()
 
 

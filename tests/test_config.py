@@ -28,6 +28,7 @@ def test_environment_then_flags() -> None:
         ([], {"MAX_BATCH_SIZE": "many"}, "MAX_BATCH_SIZE='many' is not a valid int"),
         ([], {"DTYPE": "int8"}, "DTYPE must be one of"),
         (["--max-batch-size", "0"], {}, "max_batch_size must be at least 1"),
+        ([], {"BACKLOG_WAIT_MS": "-1"}, "backlog_wait_ms and grace_s must not be negative"),
     ],
 )
 def test_bad_values_end_with_a_clear_message(argv: list[str], env: dict[str, str], message: str) -> None:
