@@ -122,13 +122,14 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
             decode_best = server_best = 0.0
             rounds: list[dict[str, Any]] = []
             cpu: dict[str, float] = {}
+            batch_mean: float | None = None
             for _ in range(args.rounds):
                 decode_ips = decode_rate(tree, datas, 224, args.decode_seconds)
-                server_ips, cpu_round = _server_rate(server, requests, args.window, args.server_seconds)
+                server_ips, cpu_round, batch_round = _server_rate(server, requests, args.window, args.server_seconds)
                 rounds.append({"decode": decode_ips, "server": server_ips, "load_average": machine.load_average(),
-                               "cpu_ms_per_image": cpu_round})  # fmt: skip
+                               "cpu_ms_per_image": cpu_round, "mean_batch": batch_round})  # fmt: skip
                 if server_ips > server_best:
-                    cpu = cpu_round
+                    cpu, batch_mean = cpu_round, batch_round
                 decode_best, server_best = max(decode_best, decode_ips), max(server_best, server_ips)
                 log(f"{name}: decode {decode_ips:.0f}/s per thread, server {server_ips:.0f}/s, "
                     f"load {rounds[-1]['load_average']}")  # fmt: skip
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
                 "server": server_best,
                 "host_efficiency": server_best / (decode_best * workers),
                 "cpu_ms_per_image": cpu,
+                "mean_batch": batch_mean,
                 "encoded_bytes_mean": sum(map(len, datas)) / len(datas),
                 "rounds": rounds,
             }
@@ -156,19 +158,31 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
 
 def _server_rate(
     server: ServerProcess, distinct: list[Any], window: int, seconds: float
-) -> tuple[float, dict[str, float]]:
-    """Images/s over about `seconds` (a first stream of 2 windows sizes the timed one), and the
-    CPU milliseconds per image of each part (`CPU_PARTS`) during the timed stream."""
+) -> tuple[float, dict[str, float], float | None]:
+    """Images/s over about `seconds` (a first stream of 2 windows sizes the timed one), the CPU
+    milliseconds per image of each part (`CPU_PARTS`) and the mean batch during the timed stream."""
     first = driver.stream(server.address, [distinct[i % len(distinct)] for i in range(2 * window)], window)
     count = max(2 * window, round(first.images_per_s * seconds / len(distinct[0].images)))
+    samples_before = server.samples()
     before, client_before = thread_cpu_seconds(server.pid), _own_cpu_seconds()
     timed = driver.stream(server.address, [distinct[i % len(distinct)] for i in range(count)], window)
     after, client_after = thread_cpu_seconds(server.pid), _own_cpu_seconds()
+    samples_after = server.samples()
     used = dict.fromkeys(CPU_PARTS, 0.0)
     for (pid, tid, name), total in after.items():
         used[_part(server.pid, pid, tid, name)] += total - before.get((pid, tid, name), 0.0)
     used["client"] = client_after - client_before
-    return timed.images_per_s, {part: 1000 * cpu / timed.images for part, cpu in used.items()}
+    return timed.images_per_s, {part: 1000 * cpu / timed.images for part, cpu in used.items()}, _mean_batch(
+        samples_before, samples_after
+    )
+
+
+def _mean_batch(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Images per forward pass between two reads of the server's metrics (None without metrics)."""
+    batches = after.get("dinov2_batch_size_count", 0.0) - before.get("dinov2_batch_size_count", 0.0)
+    if batches <= 0:
+        return None
+    return (after["dinov2_batch_size_sum"] - before["dinov2_batch_size_sum"]) / batches
 
 
 def _part(server_pid: int, pid: int, tid: int, name: str) -> str:
@@ -210,12 +224,12 @@ def table(result: dict[str, Any]) -> str:
     for name, r in result["inputs"].items():
         lines.append(f"{name:<26}{r['decode_per_thread']:>15.0f}{r['server']:>10.0f}{r['host_efficiency']:>17.2f}")
     lines.append("(images/s, best of each round; host efficiency = server / (decode per thread x decode workers))")
-    lines += ["", "CPU per image while the server streamed, its best round (ms):", f"{'input':<26}"
-              + "".join(f"{part:>15}" for part in CPU_PARTS) + f"{'total':>10}"]  # fmt: skip
+    lines += ["", "CPU per image while the server streamed, its best round (ms), and its mean batch:", f"{'input':<26}"
+              + "".join(f"{part:>15}" for part in CPU_PARTS) + f"{'total':>10}{'batch':>8}"]  # fmt: skip
     for name, r in result["inputs"].items():
-        cpu = r["cpu_ms_per_image"]
+        cpu, batch = r["cpu_ms_per_image"], r.get("mean_batch")
         lines.append(f"{name:<26}" + "".join(f"{cpu[part]:>15.3f}" for part in CPU_PARTS)
-                     + f"{sum(cpu.values()):>10.3f}")  # fmt: skip
+                     + f"{sum(cpu.values()):>10.3f}" + (f"{batch:>8.1f}" if batch else f"{'-':>8}"))  # fmt: skip
     lines.append("(user + system time from /proc; a server without named threads counts them as other threads)")
     return "\n".join(lines)
 

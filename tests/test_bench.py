@@ -61,4 +61,5 @@ def test_host_path_smoke_prints_both_efficiencies(tmp_path: Path, capsys) -> Non
         assert cpu["decode workers"] > 0 and cpu["decode workers"] > cpu["decode pool"], (name, cpu)
         assert cpu["event loop"] + cpu["compute"] > 0, (name, cpu)
         assert f"{sum(cpu.values()):.3f}" in printed.split(name)[2].splitlines()[0]
+        assert r["mean_batch"] is not None and 1 <= r["mean_batch"] <= result["config"]["max_batch_size"], name
     assert {"load_average_start", "load_average_end", "cpu"} <= result["machine"].keys()
