@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def image(value: int) -> np.ndarray:
     return np.full((4, 4), value, dtype=np.uint8)
 
 
-async def started(model: FakeModel, health: list[bool] | None = None, **kwargs: float) -> Batcher:
+async def started(model: FakeModel, health: list[bool] | None = None, **kwargs: Any) -> Batcher:
     options = {"max_batch_size": 8, "max_wait_ms": 30.0, **kwargs}
     batcher = Batcher(
         model, metrics=Metrics(), probe=lambda: None,
@@ -82,9 +83,7 @@ async def test_a_lone_image_is_not_held_back_when_nothing_more_is_coming() -> No
 
 async def test_a_backlog_that_fills_the_batch_is_waited_for_past_max_wait() -> None:
     model = FakeModel()
-    batcher = Batcher(model, max_batch_size=8, max_wait_ms=10.0, backlog_wait_ms=5000.0, metrics=Metrics(),
-                      coming=lambda: 100)  # fmt: skip
-    batcher.start()
+    batcher = await started(model, max_wait_ms=10.0, backlog_wait_ms=5000.0, coming=lambda: 100)
     first = asyncio.ensure_future(batcher.submit(image(0)))
     await asyncio.sleep(0.2)  # 20 x max_wait: without the backlog rule the first image would have gone alone
     rest = await asyncio.gather(*(batcher.submit(image(v)) for v in range(1, 8)))
@@ -93,23 +92,21 @@ async def test_a_backlog_that_fills_the_batch_is_waited_for_past_max_wait() -> N
     await batcher.close()
 
 
-async def test_a_backlog_too_small_to_fill_the_batch_waits_only_max_wait() -> None:
-    model = FakeModel()
-    batcher = Batcher(model, max_batch_size=8, max_wait_ms=10.0, backlog_wait_ms=5000.0, metrics=Metrics(),
-                      coming=lambda: 3)  # fmt: skip
-    batcher.start()
+@pytest.mark.parametrize(
+    ("max_wait_ms", "backlog_wait_ms", "coming", "least_wait_s"),
+    [
+        (10.0, 5000.0, 3, 0.0),  # too few on their way to fill the batch: max_wait only
+        (0.0, 100.0, 100, 0.09),  # a backlog: waited for up to backlog_wait, no longer
+    ],
+    ids=["small-backlog", "bounded"],
+)
+async def test_a_lone_image_waits_no_longer_than_its_bound(
+    max_wait_ms: float, backlog_wait_ms: float, coming: int, least_wait_s: float
+) -> None:
+    batcher = await started(FakeModel(), max_wait_ms=max_wait_ms, backlog_wait_ms=backlog_wait_ms,
+                            coming=lambda: coming)  # fmt: skip
     out = await batcher.submit(image(0))
-    assert out.batch_size == 1 and out.queue_s < 1.0
-    await batcher.close()
-
-
-async def test_the_backlog_wait_is_bounded() -> None:
-    model = FakeModel()
-    batcher = Batcher(model, max_batch_size=8, max_wait_ms=0.0, backlog_wait_ms=100.0, metrics=Metrics(),
-                      coming=lambda: 100)  # fmt: skip
-    batcher.start()
-    out = await batcher.submit(image(0))
-    assert out.batch_size == 1 and 0.09 <= out.queue_s < 1.0
+    assert out.batch_size == 1 and least_wait_s <= out.queue_s < 1.0
     await batcher.close()
 
 
