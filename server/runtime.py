@@ -15,6 +15,9 @@ Two effects, each worth 20-40% on the 2-core development machine:
   kernel, so each forward pass maps its activations afresh and the kernel
   zero-fills them (about 86,000 faults per batch of 8 for dinov2-small).
   `tune_malloc` keeps blocks up to 32 MB in the heap instead.
+
+`name_os_thread` gives the compute and decode threads names the OS shows
+(`top -H`, /proc, profilers; the host-path benchmark splits CPU time by them).
 """
 
 from __future__ import annotations
