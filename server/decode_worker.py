@@ -9,8 +9,9 @@ the child imports Pillow and numpy, never PyTorch or gRPC.
 
 One decode pool thread drives each child over a pair of pipes: it sends
 chunks of encoded images, two in flight, and the child answers each with
-its results; a reader thread in the child takes the next chunk off the pipe
-while the child decodes, so neither side's write waits on the other's.
+its results, in `server.decode_wire`'s binary format (never pickle); a
+reader thread in the child takes the next chunk off the pipe while the
+child decodes, so neither side's write waits on the other's.
 Full-size pixels stay bounded over every process: before decoding an image
 larger than `small_pixels`, the child asks its parent thread to hold that
 many pixels of the server's `PixelBudget`, and releases them once resized
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server import decode_wire as wire
 from server.decoding import decode_safely
 from server.errors import EmbedError, Internal
 from server.preprocess import ImageLimits, PixelBudget, decode
@@ -101,7 +103,7 @@ class ProcessDecoder:
         """The oldest sent chunk's results, in order; only an image that crashes the child fails for it."""
         if not self._dead:
             try:
-                results = self._results()
+                results = self._results(len(self._sent[0]))
             except _ChildDied:
                 self._dead = True
             else:
@@ -128,27 +130,32 @@ class ProcessDecoder:
         """After a crash, each image of the chunk on its own: the one that kills a child fails."""
         try:
             self._send([image])
-            return self._results()[0]
+            return self._results(1)[0]
         except _ChildDied:
             self._restart()
         log.error("a decode worker process died on an image of %d bytes; it was restarted", len(image))
         return Internal("the decoder crashed on this image")
 
-    def _results(self) -> list[Result]:
+    def _results(self, count: int) -> list[Result]:
+        """The results of the oldest chunk in the child, of `count` images, in order."""
         while True:
-            kind, value = self._receive()
-            if kind == "hold":
-                self._held += self._budget.acquire(value)
-                self._send(True)
-            elif kind == "release":
-                granted = min(value, self._budget.capacity)
-                self._budget.release(granted)
-                self._held -= granted
-            else:
-                results, failures = value
-                for failure in failures:
-                    log.error("unexpected failure while decoding an image (in a decode worker):\n%s", failure)
-                return results
+            kind, body = self._receive(wire.max_results_body(count, self._setup.image_size))
+            try:
+                if kind == wire.HOLD:
+                    self._held += self._budget.acquire(wire.decode_count(body))
+                    self._send(True)
+                elif kind == wire.RELEASE:
+                    granted = min(wire.decode_count(body), self._held)
+                    self._budget.release(granted)
+                    self._held -= granted
+                else:
+                    results, failures = wire.decode_results(body, count, self._setup.image_size)
+                    for failure in failures:
+                        log.error("unexpected failure while decoding an image (in a decode worker):\n%s", failure)
+                    return results
+            except wire.WireError as exc:
+                log.error("a decode worker sent a malformed answer (%s); it is restarted", exc)
+                raise _ChildDied from None
 
     def _send(self, message: object) -> None:
         try:
@@ -156,10 +163,10 @@ class ProcessDecoder:
         except OSError as exc:
             raise _ChildDied from exc
 
-    def _receive(self) -> tuple[str, object]:
+    def _receive(self, max_body: int) -> tuple[bytes, bytearray]:
         try:
-            return self._from_child.recv()
-        except (EOFError, OSError) as exc:
+            return wire.read_frame(self._from_child, max_body)
+        except (wire.WireError, OSError) as exc:
             raise _ChildDied from exc
 
     def _start(self) -> None:
@@ -178,14 +185,15 @@ class ProcessDecoder:
             with suppress(OSError):  # larger pipes: fewer switches per chunk (Linux; capped by pipe-max-size)
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
         self._to_child = Connection(to_child_w, readable=False)
-        self._from_child = Connection(from_child_r, writable=False)
+        self._from_child = from_child_r  # read as decode_wire frames: never unpickled
         self._to_child.send(self._setup)
 
     def _stop(self) -> None:
         with suppress(OSError):
             self._to_child.send(None)
         self._to_child.close()
-        self._from_child.close()
+        with suppress(OSError):
+            os.close(self._from_child)
         try:
             self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -205,7 +213,7 @@ class ProcessDecoder:
 class _RemoteBudget:
     """The child's side of the parent's `PixelBudget`: large images ask, small ones do not."""
 
-    def __init__(self, to_parent: Connection, grants: queue.SimpleQueue[object], small_pixels: int) -> None:
+    def __init__(self, to_parent: int, grants: queue.SimpleQueue[object], small_pixels: int) -> None:
         self._to_parent = to_parent
         self._grants = grants
         self._small = small_pixels
@@ -215,12 +223,12 @@ class _RemoteBudget:
         if pixels <= self._small:
             yield
             return
-        self._to_parent.send(("hold", pixels))
+        wire.write_frame(self._to_parent, wire.HOLD, wire.encode_count(pixels))
         self._grants.get()
         try:
             yield
         finally:
-            self._to_parent.send(("release", pixels))
+            wire.write_frame(self._to_parent, wire.RELEASE, wire.encode_count(pixels))
 
 
 def _decode_chunk(images: list[bytes], setup: Setup, budget: _RemoteBudget) -> tuple[list[Result], list[str]]:
@@ -255,7 +263,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     name_os_thread("decode-worker")
     from_parent = Connection(int(sys.argv[1]), writable=False)
-    to_parent = Connection(int(sys.argv[2]), readable=False)
+    to_parent = int(sys.argv[2])
     setup: Setup = from_parent.recv()
     chunks: queue.SimpleQueue[object] = queue.SimpleQueue()
     grants: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -271,5 +279,6 @@ def main() -> None:
             continue
         if images is None:
             return
-        to_parent.send(("done", _decode_chunk(images, setup, budget)))  # type: ignore[arg-type]
+        results, failures = _decode_chunk(images, setup, budget)  # type: ignore[arg-type]
+        wire.write_frame(to_parent, wire.DONE, wire.encode_results(results, failures))
         dirty = True

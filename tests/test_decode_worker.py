@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server import decode_wire as wire
 from server.decode_worker import SMALL_PIXELS, ProcessDecoder, Setup
 from server.errors import InvalidImage
 from server.preprocess import ImageLimits, PixelBudget, decode
@@ -130,6 +131,29 @@ def test_a_worker_killed_with_two_chunks_in_flight_answers_both(worker: ProcessD
             assert isinstance(result, InvalidImage)
         else:
             np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
+
+
+def test_a_malformed_answer_restarts_the_worker_and_no_image_is_lost(
+    worker: ProcessDecoder, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    chunk = [images.png(32, 32, seed=i) for i in range(3)]
+    child = worker._process.pid
+    real = wire.decode_results
+    answers = 0
+
+    def first_one_malformed(body: bytearray, count: int, image_size: int):  # type: ignore[no-untyped-def]
+        nonlocal answers
+        answers += 1
+        if answers == 1:
+            raise wire.WireError("malformed results: a test")
+        return real(body, count, image_size)
+
+    monkeypatch.setattr(wire, "decode_results", first_one_malformed)
+    results = worker.decode(chunk)
+    assert worker._process.pid != child
+    assert "malformed answer" in caplog.text
+    for data, result in zip(chunk, results, strict=True):
+        np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
 
 
 def test_closing_ends_the_child(budget: PixelBudget) -> None:

@@ -1,0 +1,138 @@
+"""What a decode worker process sends its parent: a fixed binary format, never pickle.
+
+The child parses untrusted images; if one ever took it over, a pickle from it
+would run code in the server. So the child's answers are frames the parent
+reads with `struct` and `numpy.frombuffer` only, each bounded in size:
+
+    frame   = kind (1 byte) | body length (uint64) | body
+    HOLD, RELEASE body = pixels (uint64)
+    DONE body = count (uint32) | count x item | failures (uint32) | failures x (len uint32 | utf-8)
+                | the pixels of every decoded item, in order, image_size x image_size bytes each
+    item    = 0 (decoded) | 1, type name len (uint8), name, message len (uint32), message (utf-8)
+
+The pixels are read straight into one buffer and handed on as views of it, so
+a chunk's pixels are copied once on this side (from the pipe).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from server import errors
+from server.errors import EmbedError
+
+HOLD, RELEASE, DONE = b"H", b"R", b"D"
+
+_HEADER = struct.Struct("<cQ")
+_U8, _U32, _U64 = struct.Struct("<B"), struct.Struct("<I"), struct.Struct("<Q")
+_ERROR_TYPES = {
+    cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, EmbedError)
+}
+_MESSAGE_BYTES = 4096  # an error message is cut to this
+_FAILURE_BYTES = 16384  # a failure's traceback text is cut to this
+
+
+class WireError(Exception):
+    """The other side closed the pipe, or sent what this format does not allow."""
+
+
+def write_frame(fd: int, kind: bytes, body: bytes) -> None:
+    data = memoryview(_HEADER.pack(kind, len(body)) + body)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def read_frame(fd: int, max_body: int) -> tuple[bytes, bytearray]:
+    """The next frame's kind and body; `WireError` at end of file or for a body over `max_body`."""
+    kind, size = _HEADER.unpack(_read_exact(fd, _HEADER.size))
+    if kind not in (HOLD, RELEASE, DONE) or size > max_body:
+        raise WireError(f"unexpected frame {kind!r} of {size} bytes")
+    return kind, _read_exact(fd, size)
+
+
+def encode_count(pixels: int) -> bytes:
+    return _U64.pack(pixels)
+
+
+def decode_count(body: bytearray) -> int:
+    if len(body) != _U64.size:
+        raise WireError("a count of the wrong size")
+    return _U64.unpack(body)[0]
+
+
+def encode_results(results: Sequence[np.ndarray | EmbedError], failures: Sequence[str]) -> bytes:
+    """A DONE body: each result (pixels or error) in order, and the failures' texts for the log."""
+    parts = [_U32.pack(len(results))]
+    pixels = []
+    for result in results:
+        if isinstance(result, EmbedError):
+            name = type(result).__name__.encode()
+            message = str(result).encode()[:_MESSAGE_BYTES]
+            parts += [_U8.pack(1), _U8.pack(len(name)), name, _U32.pack(len(message)), message]
+        else:
+            parts.append(_U8.pack(0))
+            pixels.append(np.ascontiguousarray(result, dtype=np.uint8).data)
+    parts.append(_U32.pack(len(failures)))
+    for failure in failures:
+        text = failure.encode()[:_FAILURE_BYTES]
+        parts += [_U32.pack(len(text)), text]
+    return b"".join([*parts, *pixels])
+
+
+def max_results_body(count: int, image_size: int) -> int:
+    """The largest DONE body that `count` results and their failures can make."""
+    per_item = 1 + 1 + 255 + 4 + _MESSAGE_BYTES + 4 + _FAILURE_BYTES
+    return 8 + count * (image_size * image_size + per_item)
+
+
+def decode_results(body: bytearray, count: int, image_size: int) -> tuple[list[np.ndarray | EmbedError], list[str]]:
+    """The results of a DONE body that answers a chunk of `count` images; `WireError` if malformed."""
+    try:
+        return _decode_results(memoryview(body), count, image_size)
+    except (struct.error, UnicodeDecodeError, ValueError, KeyError) as exc:
+        raise WireError(f"malformed results: {exc}") from None
+
+
+def _decode_results(view: memoryview, count: int, image_size: int) -> tuple[list[np.ndarray | EmbedError], list[str]]:
+    (n,), at = _U32.unpack_from(view), _U32.size
+    if n != count:
+        raise ValueError(f"{n} results for {count} images")
+    results: list[np.ndarray | EmbedError | None] = []
+    for _ in range(n):
+        (tag,), at = _U8.unpack_from(view, at), at + 1
+        if tag == 0:
+            results.append(None)
+            continue
+        (name_len,), at = _U8.unpack_from(view, at), at + 1
+        name, at = bytes(view[at : at + name_len]).decode(), at + name_len
+        (message_len,), at = _U32.unpack_from(view, at), at + _U32.size
+        message, at = bytes(view[at : at + message_len]).decode(), at + message_len
+        results.append(_ERROR_TYPES[name](message))
+    (failure_count,), at = _U32.unpack_from(view, at), at + _U32.size
+    failures = []
+    for _ in range(failure_count):
+        (length,), at = _U32.unpack_from(view, at), at + _U32.size
+        failures.append(bytes(view[at : at + length]).decode(errors="replace"))
+        at += length
+    decoded_count = results.count(None)
+    if len(view) - at != image_size * image_size * decoded_count:
+        raise ValueError(f"{len(view) - at} bytes of pixels for {decoded_count} images")
+    if not decoded_count:
+        return results, failures  # type: ignore[return-value]
+    decoded = iter(np.frombuffer(view.obj, dtype=np.uint8, offset=at).reshape(-1, image_size, image_size))
+    return [next(decoded) if result is None else result for result in results], failures
+
+
+def _read_exact(fd: int, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        read = os.readv(fd, [view[got:]])
+        if read == 0:
+            raise WireError("the worker closed its pipe")
+        got += read
+    return buffer

@@ -1,0 +1,95 @@
+"""The decode workers' answers on the wire: what is sent is what is read, and nothing else is read."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from server import decode_wire as wire
+from server.errors import Internal, InvalidImage
+
+SIZE = 8
+
+
+def pixels(value: int) -> np.ndarray:
+    return np.full((SIZE, SIZE), value, dtype=np.uint8)
+
+
+def test_results_and_failures_come_back_as_sent() -> None:
+    sent = [pixels(1), InvalidImage("corrupt PNG"), pixels(2), Internal("internal error"), pixels(3)]
+    body = bytearray(wire.encode_results(sent, ["Traceback: boom"]))
+    results, failures = wire.decode_results(body, len(sent), SIZE)
+    assert failures == ["Traceback: boom"]
+    for got, want in zip(results, sent, strict=True):
+        if isinstance(want, np.ndarray):
+            assert isinstance(got, np.ndarray) and got.shape == (SIZE, SIZE) and np.array_equal(got, want)
+        else:
+            assert type(got) is type(want) and str(got) == str(want)
+
+
+def test_a_chunk_of_errors_only() -> None:
+    results, _ = wire.decode_results(bytearray(wire.encode_results([InvalidImage("x")], [])), 1, SIZE)
+    assert isinstance(results[0], InvalidImage)
+
+
+def corrupt(body: bytes, at: int, value: bytes) -> bytearray:
+    changed = bytearray(body)
+    changed[at : at + len(value)] = value
+    return changed
+
+
+GOOD = wire.encode_results([pixels(1), InvalidImage("bad")], [])
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        (bytearray(GOOD), 3),  # answers another chunk
+        (bytearray(GOOD[:-1]), 2),  # a pixel short
+        (bytearray(GOOD + b"\0"), 2),  # a byte too many
+        (corrupt(GOOD, 4, b"\x07"), 2),  # an unknown item tag: pixels of the wrong size follow
+        (corrupt(GOOD, 7, b"Pickle"), 2),  # an error type that is not the engine's
+        (bytearray(GOOD[:10]), 2),  # cut short
+    ],
+    ids=["count", "short", "long", "tag", "type", "truncated"],
+)
+def test_a_malformed_answer_is_refused(body: bytearray, count: int) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode_results(body, count, SIZE)
+
+
+def frames(*raw: bytes) -> int:
+    """A pipe holding `raw`, closed for writing: its read end."""
+    read, write = os.pipe()
+    for data in raw:
+        os.write(write, data)
+    os.close(write)
+    return read
+
+
+def test_frames_are_read_whole_and_bounded() -> None:
+    read = frames(struct.pack("<cQ", wire.HOLD, 8) + wire.encode_count(12345))
+    kind, body = wire.read_frame(read, max_body=8)
+    assert kind == wire.HOLD and wire.decode_count(body) == 12345
+    with pytest.raises(wire.WireError, match="closed"):
+        wire.read_frame(read, max_body=8)
+    os.close(read)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        struct.pack("<cQ", wire.DONE, 100) + b"x" * 100,  # over the bound: refused before it is read
+        struct.pack("<cQ", b"\x80", 4) + b"\x04N.",  # a pickle is no frame
+        struct.pack("<cQ", wire.DONE, 50) + b"x" * 10,  # cut short
+    ],
+    ids=["over-bound", "pickle", "cut-short"],
+)
+def test_a_frame_out_of_format_is_refused(raw: bytes) -> None:
+    read = frames(raw)
+    with pytest.raises(wire.WireError):
+        wire.read_frame(read, max_body=99)
+    os.close(read)
