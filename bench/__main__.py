@@ -23,7 +23,7 @@ import torch
 
 from bench import ablation, driver, flops, host_path, machine, paths, report
 from bench.images import gray_jpegs
-from bench.server_proc import ServerProcess
+from bench.server_proc import ServerProcess, server_breakdown
 from server.config import Settings
 from server.model import FastPaths, ModelRunner, resolve_device
 from server.preprocess import ImageLimits, decode
@@ -216,23 +216,6 @@ def server_flags(args: argparse.Namespace, model_dir: str, device: str, max_batc
     if args.compile:
         flags += ["--compile", "on"]
     return flags + args.server_arg
-
-
-def server_breakdown(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
-    """From the server's /metrics over one stream: batch sizes formed and how busy the forward thread was."""
-    if not before:
-        return {}
-    delta = {k: after[k] - before[k] for k in before}
-    forward_s = delta["dinov2_inference_seconds_sum"]
-    images = delta["dinov2_batch_size_sum"]
-    decoded = max(delta["dinov2_preprocess_seconds_count"], 1)
-    return {
-        "mean_batch_size": images / max(delta["dinov2_batch_size_count"], 1),
-        "forward_busy": forward_s / seconds,
-        "forward_images_per_s": images / forward_s if forward_s else 0.0,
-        "decode_wait_ms": 1000 * delta["dinov2_preprocess_seconds_sum"] / decoded,
-        "queue_ms": 1000 * delta["dinov2_queue_seconds_sum"] / max(images, 1),
-    }
 
 
 def parity(dtype: str, service: dict[int, np.ndarray], reference: list[np.ndarray]) -> dict[str, Any]:

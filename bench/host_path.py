@@ -42,7 +42,7 @@ import torch
 
 from bench import driver, machine
 from bench.images import gray_jpegs, gray_pngs
-from bench.server_proc import REPO, ServerProcess, thread_cpu_seconds
+from bench.server_proc import REPO, ServerProcess, server_breakdown, thread_cpu_seconds
 from server.config import Settings
 from server.model import ModelRunner
 
@@ -172,17 +172,12 @@ def _server_rate(
     for (pid, tid, name), total in after.items():
         used[_part(server.pid, pid, tid, name)] += total - before.get((pid, tid, name), 0.0)
     used["client"] = client_after - client_before
-    return timed.images_per_s, {part: 1000 * cpu / timed.images for part, cpu in used.items()}, _mean_batch(
-        samples_before, samples_after
+    breakdown = server_breakdown(samples_before, samples_after, timed.seconds)
+    return (
+        timed.images_per_s,
+        {part: 1000 * cpu / timed.images for part, cpu in used.items()},
+        breakdown.get("mean_batch_size"),
     )
-
-
-def _mean_batch(before: dict[str, float], after: dict[str, float]) -> float | None:
-    """Images per forward pass between two reads of the server's metrics (None without metrics)."""
-    batches = after.get("dinov2_batch_size_count", 0.0) - before.get("dinov2_batch_size_count", 0.0)
-    if batches <= 0:
-        return None
-    return (after["dinov2_batch_size_sum"] - before["dinov2_batch_size_sum"]) / batches
 
 
 def _part(server_pid: int, pid: int, tid: int, name: str) -> str:

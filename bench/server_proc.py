@@ -128,6 +128,23 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def server_breakdown(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """From the server's /metrics over one stream: batch sizes formed and how busy the forward thread was."""
+    if not before:
+        return {}
+    delta = {k: after[k] - before[k] for k in before}
+    forward_s = delta["dinov2_inference_seconds_sum"]
+    images = delta["dinov2_batch_size_sum"]
+    decoded = max(delta["dinov2_preprocess_seconds_count"], 1)
+    return {
+        "mean_batch_size": images / max(delta["dinov2_batch_size_count"], 1),
+        "forward_busy": forward_s / seconds,
+        "forward_images_per_s": images / forward_s if forward_s else 0.0,
+        "decode_wait_ms": 1000 * delta["dinov2_preprocess_seconds_sum"] / decoded,
+        "queue_ms": 1000 * delta["dinov2_queue_seconds_sum"] / max(images, 1),
+    }
+
+
 def thread_cpu_seconds(root: int) -> dict[tuple[int, int, str], float]:
     """CPU seconds (user + system) of every thread of `root` and its descendants, by (pid, tid, OS name)."""
     tick = os.sysconf("SC_CLK_TCK")
