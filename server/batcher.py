@@ -103,13 +103,13 @@ class Batcher:
         probe_interval_s: float = 2.0,
         on_health: Callable[[bool], None] = lambda healthy: None,
         coming: Callable[[], int] = lambda: 1,
-        backlog_wait_ms: float | None = None,
+        backlog_wait_ms: float = 0.0,
     ) -> None:
         self._forward = forward
         # Read each time a batch is formed: the runner lowers it after running out of device memory.
         self._batch_limit = batch_limit or (lambda: max_batch_size)
         self._max_wait_s = max_wait_ms / 1000.0
-        self._backlog_wait_s = max(max_wait_ms, backlog_wait_ms or 0.0) / 1000.0
+        self._backlog_wait_s = max(max_wait_ms, backlog_wait_ms) / 1000.0
         self._metrics = metrics
         self._own_compute = compute is None
         self._compute = compute or ComputeThread("forward")
