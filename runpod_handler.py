@@ -37,6 +37,7 @@ from server import errors
 from server.config import Settings, load_settings
 from server.logs import REQUEST_ID, configure_logging
 from server.model import ModelRunner, Pooling
+from server.runtime import freeze_startup_objects
 from server.service import EmbedOptions, EmbedService, ImageResult
 
 log = logging.getLogger("runpod_handler")
@@ -293,6 +294,7 @@ def main() -> None:
         worker = Worker.load(settings)
     except errors.ModelLoadError as exc:
         sys.exit(f"error: {exc}")
+    freeze_startup_objects()
     metrics = worker.service.metrics
     try:
         metrics.serve(settings.host, settings.metrics_port)

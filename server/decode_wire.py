@@ -1,4 +1,4 @@
-"""What a decode worker process sends its parent: a fixed binary format, never pickle.
+"""What a decode worker process and its parent send each other: fixed binary frames, never pickle.
 
 The child parses untrusted images; if one ever took it over, a pickle from it
 would run code in the server. So the child's answers are frames the parent
@@ -12,6 +12,12 @@ reads with `struct` and `numpy.frombuffer` only, each bounded in size:
 
 The pixels are read straight into one buffer and handed on as views of it, so
 a chunk's pixels are copied once on this side (from the pipe).
+
+The parent sends frames too, for speed rather than safety (pickling a chunk
+of encoded images copied each of them twice more):
+
+    CHUNK body = count (uint32) | count x length (uint64) | the images' bytes, in order
+    GRANT, STOP body = empty (the budget a HOLD asked for is held; no more work)
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from server import errors
 from server.errors import EmbedError
 
 HOLD, RELEASE, DONE = b"H", b"R", b"D"
+CHUNK, GRANT, STOP = b"C", b"G", b"S"
+FROM_CHILD, FROM_PARENT = (HOLD, RELEASE, DONE), (CHUNK, GRANT, STOP)
 
 _HEADER = struct.Struct("<cQ")
 _U8, _U32, _U64 = struct.Struct("<B"), struct.Struct("<I"), struct.Struct("<Q")
 _ERROR_TYPES = {
     cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, EmbedError)
 }
+_IOV_MAX = 1024  # the most buffers one writev takes on Linux
 _MESSAGE_BYTES = 4096  # an error message is cut to this
 _FAILURE_BYTES = 16384  # a failure's traceback text is cut to this
 
@@ -40,16 +49,22 @@ class WireError(Exception):
     """The other side closed the pipe, or sent what this format does not allow."""
 
 
-def write_frame(fd: int, kind: bytes, body: bytes) -> None:
-    data = memoryview(_HEADER.pack(kind, len(body)) + body)
-    while data:
-        data = data[os.write(fd, data) :]
+def write_frame(fd: int, kind: bytes, *body: bytes) -> None:
+    """Writes one frame whose body is the `body` parts one after the other (not joined first)."""
+    parts = [memoryview(_HEADER.pack(kind, sum(map(len, body)))), *(memoryview(part).cast("B") for part in body)]
+    while parts:
+        written = os.writev(fd, parts[:_IOV_MAX])
+        while parts and written >= len(parts[0]):
+            written -= len(parts.pop(0))
+        if written:
+            parts[0] = parts[0][written:]
 
 
-def read_frame(fd: int, max_body: int) -> tuple[bytes, bytearray]:
-    """The next frame's kind and body; `WireError` at end of file or for a body over `max_body`."""
+def read_frame(fd: int, max_body: int, kinds: Sequence[bytes] = FROM_CHILD) -> tuple[bytes, bytearray]:
+    """The next frame's kind and body; `WireError` at end of file, for a kind not in `kinds`,
+    or for a body over `max_body`."""
     kind, size = _HEADER.unpack(_read_exact(fd, _HEADER.size))
-    if kind not in (HOLD, RELEASE, DONE) or size > max_body:
+    if kind not in kinds or size > max_body:
         raise WireError(f"unexpected frame {kind!r} of {size} bytes")
     return kind, _read_exact(fd, size)
 
@@ -62,6 +77,25 @@ def decode_count(body: bytearray) -> int:
     if len(body) != _U64.size:
         raise WireError("a count of the wrong size")
     return _U64.unpack(body)[0]
+
+
+def encode_chunk(images: Sequence[bytes]) -> list[bytes]:
+    """A CHUNK body, as parts for `write_frame`: the images themselves are not copied."""
+    return [_U32.pack(len(images)) + struct.pack(f"<{len(images)}Q", *map(len, images)), *images]
+
+
+def decode_chunk(body: bytearray) -> list[bytes]:
+    """The images of a CHUNK body (from the parent, which is trusted: a bad one is a bug)."""
+    view = memoryview(body)
+    (count,) = _U32.unpack_from(view)
+    lengths = struct.unpack_from(f"<{count}Q", view, _U32.size)
+    images, at = [], _U32.size + 8 * count
+    for length in lengths:
+        images.append(bytes(view[at : at + length]))
+        at += length
+    if at != len(view):
+        raise WireError(f"a chunk of {len(view)} bytes holds {at}")
+    return images
 
 
 def encode_results(results: Sequence[np.ndarray | EmbedError], failures: Sequence[str]) -> bytes:

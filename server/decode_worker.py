@@ -9,7 +9,7 @@ the child imports Pillow and numpy, never PyTorch or gRPC.
 
 One decode pool thread drives each child over a pair of pipes: it sends
 chunks of encoded images, two in flight, and the child answers each with
-its results, in `server.decode_wire`'s binary format (never pickle); a
+its results, both in `server.decode_wire`'s binary frames (never pickle); a
 reader thread in the child takes the next chunk off the pipe while the
 child decodes, so neither side's write waits on the other's.
 Full-size pixels stay bounded over every process: before decoding an image
@@ -23,10 +23,11 @@ image that killed it: the chunk is retried image by image in a new child.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fcntl
+import json
 import logging
 import os
-import pickle
 import queue
 import signal
 import subprocess
@@ -34,10 +35,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from functools import partial
-from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,13 +56,20 @@ SMALL_PIXELS = 2_000_000
 image would cost more than they do, and each child holds at most one such image at once."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Setup:
     """What a child needs to decode like the server; the first message it receives."""
 
     limits: ImageLimits
     image_size: int
     idle_trim_s: float  # idle this long after work, the child gives its freed memory back
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> Setup:
+        return cls(**{**fields, "limits": ImageLimits(**fields["limits"])})
 
 
 _F_SETPIPE_SZ = 1031
@@ -143,7 +150,7 @@ class ProcessDecoder:
             try:
                 if kind == wire.HOLD:
                     self._held += self._budget.acquire(wire.decode_count(body))
-                    self._send(True)
+                    self._write(wire.GRANT)
                 elif kind == wire.RELEASE:
                     granted = min(wire.decode_count(body), self._held)
                     self._budget.release(granted)
@@ -157,9 +164,12 @@ class ProcessDecoder:
                 log.error("a decode worker sent a malformed answer (%s); it is restarted", exc)
                 raise _ChildDied from None
 
-    def _send(self, message: object) -> None:
+    def _send(self, images: list[bytes]) -> None:
+        self._write(wire.CHUNK, *wire.encode_chunk(images))
+
+    def _write(self, kind: bytes, *body: bytes) -> None:
         try:
-            self._to_child.send(message)
+            wire.write_frame(self._to_child, kind, *body)
         except OSError as exc:
             raise _ChildDied from exc
 
@@ -175,7 +185,7 @@ class ProcessDecoder:
         root = str(Path(__file__).resolve().parent.parent)
         code = f"import sys; sys.path.insert(0, {root!r}); from server.decode_worker import main; main()"
         self._process = subprocess.Popen(
-            [sys.executable, "-c", code, str(to_child_r), str(from_child_w)],
+            [sys.executable, "-c", code, str(to_child_r), str(from_child_w), json.dumps(self._setup.to_json())],
             pass_fds=(to_child_r, from_child_w),
             stdin=subprocess.DEVNULL,
         )
@@ -184,16 +194,15 @@ class ProcessDecoder:
         for fd in (to_child_w, from_child_r):
             with suppress(OSError):  # larger pipes: fewer switches per chunk (Linux; capped by pipe-max-size)
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
-        self._to_child = Connection(to_child_w, readable=False)
-        self._from_child = from_child_r  # read as decode_wire frames: never unpickled
-        self._to_child.send(self._setup)
+        self._to_child = to_child_w
+        self._from_child = from_child_r
 
     def _stop(self) -> None:
-        with suppress(OSError):
-            self._to_child.send(None)
-        self._to_child.close()
-        with suppress(OSError):
-            os.close(self._from_child)
+        with suppress(_ChildDied):
+            self._write(wire.STOP)
+        for fd in (self._to_child, self._from_child):
+            with suppress(OSError):
+                os.close(fd)
         try:
             self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -213,7 +222,7 @@ class ProcessDecoder:
 class _RemoteBudget:
     """The child's side of the parent's `PixelBudget`: large images ask, small ones do not."""
 
-    def __init__(self, to_parent: int, grants: queue.SimpleQueue[object], small_pixels: int) -> None:
+    def __init__(self, to_parent: int, grants: queue.SimpleQueue[bool], small_pixels: int) -> None:
         self._to_parent = to_parent
         self._grants = grants
         self._small = small_pixels
@@ -243,30 +252,30 @@ def _decode_chunk(images: list[bytes], setup: Setup, budget: _RemoteBudget) -> t
     return results, failures
 
 
-def _read(from_parent: Connection, chunks: queue.SimpleQueue[object], grants: queue.SimpleQueue[object]) -> None:
-    """Reads the parent's messages as they come, so its next chunk never waits on our results."""
+def _read(from_parent: int, chunks: queue.SimpleQueue[list[bytes] | None], grants: queue.SimpleQueue[bool]) -> None:
+    """Reads the parent's frames as they come, so its next chunk never waits on our results."""
     while True:
         try:
-            message = from_parent.recv()
-        except (EOFError, OSError, pickle.UnpicklingError):
-            message = None
-        if message is True:
-            grants.put(message)
+            kind, body = wire.read_frame(from_parent, sys.maxsize, wire.FROM_PARENT)  # the parent is trusted
+        except (wire.WireError, OSError):
+            kind, body = wire.STOP, bytearray()
+        if kind == wire.GRANT:
+            grants.put(True)
             continue
-        chunks.put(message)
-        if message is None:
+        if kind == wire.STOP:
+            chunks.put(None)
             return
+        chunks.put(wire.decode_chunk(body))
 
 
 def main() -> None:
     """The child: decodes the chunks its parent sends until told to stop or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     name_os_thread("decode-worker")
-    from_parent = Connection(int(sys.argv[1]), writable=False)
-    to_parent = int(sys.argv[2])
-    setup: Setup = from_parent.recv()
-    chunks: queue.SimpleQueue[object] = queue.SimpleQueue()
-    grants: queue.SimpleQueue[object] = queue.SimpleQueue()
+    from_parent, to_parent = int(sys.argv[1]), int(sys.argv[2])
+    setup = Setup.from_json(json.loads(sys.argv[3]))
+    chunks: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+    grants: queue.SimpleQueue[bool] = queue.SimpleQueue()
     threading.Thread(target=_read, args=(from_parent, chunks, grants), daemon=True).start()
     budget = _RemoteBudget(to_parent, grants, SMALL_PIXELS)
     dirty = False
@@ -279,6 +288,6 @@ def main() -> None:
             continue
         if images is None:
             return
-        results, failures = _decode_chunk(images, setup, budget)  # type: ignore[arg-type]
+        results, failures = _decode_chunk(images, setup, budget)
         wire.write_frame(to_parent, wire.DONE, wire.encode_results(results, failures))
         dirty = True

@@ -1,9 +1,10 @@
-"""The decode workers' answers on the wire: what is sent is what is read, and nothing else is read."""
+"""The decode workers' frames: what is sent is what is read, and nothing else is read."""
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -93,3 +94,38 @@ def test_a_frame_out_of_format_is_refused(raw: bytes) -> None:
     with pytest.raises(wire.WireError):
         wire.read_frame(read, max_body=99)
     os.close(read)
+
+
+def test_a_chunk_comes_through_a_pipe_as_sent_in_frames_larger_than_the_pipe() -> None:
+    chunk = [b"", os.urandom(300_000), b"x", os.urandom(70_000)]  # 370 kB through a 64 kB pipe: partial writes
+    read, write = os.pipe()
+    received: list[tuple[bytes, bytearray]] = []
+    reader = threading.Thread(target=lambda: received.extend(
+        wire.read_frame(read, 1 << 20, wire.FROM_PARENT) for _ in range(3)))  # fmt: skip
+    reader.start()
+    wire.write_frame(write, wire.CHUNK, *wire.encode_chunk(chunk))
+    wire.write_frame(write, wire.GRANT)
+    wire.write_frame(write, wire.STOP)
+    reader.join()
+    os.close(read)
+    os.close(write)
+    (kind, body), grant, stop = received
+    assert kind == wire.CHUNK and wire.decode_chunk(body) == chunk
+    assert grant == (wire.GRANT, bytearray()) and stop == (wire.STOP, bytearray())
+
+
+def test_each_side_reads_only_the_other_sides_frames() -> None:
+    read = frames(struct.pack("<cQ", wire.CHUNK, 0))
+    with pytest.raises(wire.WireError):
+        wire.read_frame(read, max_body=99)  # the parent reads what children send
+    os.close(read)
+    read = frames(struct.pack("<cQ", wire.DONE, 0))
+    with pytest.raises(wire.WireError):
+        wire.read_frame(read, max_body=99, kinds=wire.FROM_PARENT)
+    os.close(read)
+
+
+def test_a_chunk_whose_lengths_do_not_add_up_is_refused() -> None:
+    body = bytearray(b"".join(wire.encode_chunk([b"abc", b"de"])))
+    with pytest.raises(wire.WireError):
+        wire.decode_chunk(body + b"!")

@@ -1,13 +1,15 @@
-"""The process-level runtime: the compute thread and the OS names of the server's threads."""
+"""The process-level runtime: the compute thread, the OS names of the server's threads, frozen start objects."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
 
-from server.runtime import ComputeThread, name_os_thread
+from server.runtime import ComputeThread, freeze_startup_objects, name_os_thread
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux /proc only")
 
@@ -45,3 +47,23 @@ def test_the_compute_thread_runs_every_call_on_one_named_thread() -> None:
         assert compute.run(lambda: compute.run(threading.get_ident)) == compute.run(threading.get_ident)
     finally:
         compute.close()
+
+
+class Node:
+    other: Node
+
+
+def test_frozen_start_objects_are_not_walked_again_and_later_cycles_are_still_collected() -> None:
+    alive_at_start = Node()
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 0
+        assert all(obj is not alive_at_start for obj in gc.get_objects())  # out of every generation
+        later = Node()
+        later.other = later
+        collected = weakref.ref(later)
+        del later
+        gc.collect()
+        assert collected() is None
+    finally:
+        gc.unfreeze()
