@@ -35,7 +35,8 @@ from server.runtime import ComputeThread
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[np.ndarray], BatchOutput]
+Forward = Callable[[list[np.ndarray]], BatchOutput]
+"""A batch's images, each uint8 [S, S], in: the model assembles them where they go (server/staging.py)."""
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,7 @@ class Batcher:
         self._wakeup.set()  # the model is free: a partial batch can go now
 
     async def _run_batch(self, batch: list[_Entry], before: asyncio.Task[None] | None) -> None:
-        pixels = np.stack([entry.pixels for entry in batch])
-        running = self._compute.submit(self._forward_wanted, batch, pixels)
+        running = self._compute.submit(self._forward_wanted, batch)
         try:
             if before is not None:
                 self._waiting_batch = batch
@@ -225,7 +225,7 @@ class Batcher:
             item = ItemOutput(output.cls[out_row], output.mean[out_row], queued, elapsed, len(rows))
             entry.sink.settle(entry.index, item)
 
-    def _forward_wanted(self, batch: list[_Entry], pixels: np.ndarray) -> tuple[list[int], BatchOutput | None]:
+    def _forward_wanted(self, batch: list[_Entry]) -> tuple[list[int], BatchOutput | None]:
         """On the compute thread, as the batch starts: the forward pass of the images still wanted.
 
         A batch can wait behind the running one; images whose caller left or
@@ -235,7 +235,7 @@ class Batcher:
         rows = [row for row, e in enumerate(batch) if e.sink.wanted() and (e.deadline is None or now < e.deadline)]
         if not rows:
             return rows, None
-        output = self._forward(pixels if len(rows) == len(batch) else pixels[rows])
+        output = self._forward([batch[row].pixels for row in rows])
         if len(output.cls) != len(rows) or len(output.mean) != len(rows):
             raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(rows)} images")
         return rows, output

@@ -21,7 +21,7 @@ from PIL import Image
 from protos.dinov2.v1 import embed_pb2_grpc
 from server.app import EmbedServer
 from server.config import Settings
-from server.model import ModelRunner, Pooling, pool
+from server.model import ModelRunner, Pixels, Pooling, pool
 from server.preprocess import configured_processor
 from server.random_model import build_model_dir
 from tests import images
@@ -96,7 +96,7 @@ class ControlledRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
-    def embed(self, pixels: np.ndarray) -> Any:
+    def embed(self, pixels: Pixels) -> Any:
         self.calls += 1
         with self._allowance:
             self._allowance.wait_for(lambda: self.images_seen + len(pixels) <= self.allowed_images)

@@ -26,9 +26,9 @@ class FakeModel:
         self.fail_on = fail_on
         self.lock = threading.Lock()
 
-    def __call__(self, pixels: np.ndarray) -> BatchOutput:
+    def __call__(self, pixels: list[np.ndarray]) -> BatchOutput:
         time.sleep(self.delay_s)
-        firsts = pixels[:, 0, 0].astype(np.float32)
+        firsts = np.array([image[0, 0] for image in pixels], dtype=np.float32)
         with self.lock:
             self.batches.append(len(pixels))
             self.seen.extend(int(v) for v in firsts)

@@ -136,7 +136,7 @@ async def test_the_batcher_forms_batches_within_the_current_limit() -> None:
     limit = [4]
     batches: list[int] = []
 
-    def forward(pixels: np.ndarray) -> BatchOutput:
+    def forward(pixels: list[np.ndarray]) -> BatchOutput:
         batches.append(len(pixels))
         zeros = np.zeros((len(pixels), 1), np.float32)
         return BatchOutput(zeros, zeros)
