@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-sizes", default="1,4,8,16,32", help="raw: batch sizes to try")
     p.add_argument("--raw-seconds", type=float, default=4.0, help="raw: seconds per batch size and per round")
-    p.add_argument("--rounds", type=int, help="alternating raw / service / seed-style rounds (3; --host-path 2)")
+    p.add_argument("--rounds", type=int, help="alternating raw / service / seed-style rounds (3, --host-path too)")
     p.add_argument("--service-seconds", type=float, default=15.0, help="service: about this long per round")
     p.add_argument("--service-images", type=int, default=0, help="service: images per round (overrides seconds)")
     p.add_argument("--request-images", type=int, help="service: images per EmbedRequest (8; --host-path 32)")
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-seconds", type=float, default=10.0, help="--host-path: server seconds per round")
     args = p.parse_args(argv)
     args.request_images = args.request_images or (32 if args.host_path else 8)
-    args.rounds = args.rounds or (2 if args.host_path else 3)
+    args.rounds = args.rounds or 3
     if args.smoke:
         for key, value in (HOST_SMOKE if args.host_path else SMOKE).items():
             setattr(args, key, value)

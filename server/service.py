@@ -11,6 +11,7 @@ both the decode pool and the batcher report to, and one future its caller awaits
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import time
@@ -280,8 +281,9 @@ class EmbedService:
             self._admission.release(cost)
             self._in_flight_changed()
         results: list[ImageResult] = request.results  # type: ignore[assignment]
-        for result in results:
-            self.metrics.images.labels(type(result.error).__name__ if result.error else "ok").inc()
+        outcomes = collections.Counter(type(result.error).__name__ if result.error else "ok" for result in results)
+        for outcome, count in outcomes.items():
+            self.metrics.images.labels(outcome).inc(count)
         return results
 
     def _count_dropped(self, request: _Request, job: DecodeJob | None) -> None:
