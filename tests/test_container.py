@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.config import load_settings
 from server.healthcheck import main_process_is_runpod_worker
 from tests.test_app import wait_ready
 
@@ -122,7 +123,7 @@ def test_healthcheck_recognises_the_runpod_worker(tmp_path: Path) -> None:
     assert not main_process_is_runpod_worker(cmdline)
 
 
-def test_kubernetes_manifests() -> None:
+def test_kubernetes_manifests(monkeypatch: pytest.MonkeyPatch) -> None:
     manifests = sorted((ROOT / "deploy/k8s").glob("*.yaml"))
     docs = {doc["kind"]: doc for path in manifests for doc in yaml.safe_load_all(path.read_text())}
     container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
@@ -130,5 +131,9 @@ def test_kubernetes_manifests() -> None:
     assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": "dinov2.v1.Embed"}
     assert "grpc" in container["livenessProbe"]
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    env = {var["name"]: var["value"] for var in container["env"]}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(96)), raising=False)  # a large node
+    settings = load_settings([], env)  # what the pod's server would run with there
+    assert 0 < settings.decode_workers < int(container["resources"]["requests"]["cpu"])  # the pod's CPUs, not the node's
     assert docs["Service"]["spec"]["clusterIP"] == "None"
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
