@@ -87,8 +87,11 @@ def encode_chunk(images: Sequence[bytes]) -> list[bytes]:
 def decode_chunk(body: bytearray) -> list[bytes]:
     """The images of a CHUNK body (from the parent, which is trusted: a bad one is a bug)."""
     view = memoryview(body)
-    (count,) = _U32.unpack_from(view)
-    lengths = struct.unpack_from(f"<{count}Q", view, _U32.size)
+    try:
+        (count,) = _U32.unpack_from(view)
+        lengths = struct.unpack_from(f"<{count}Q", view, _U32.size)
+    except struct.error as exc:
+        raise WireError(f"malformed chunk: {exc}") from None
     images, at = [], _U32.size + 8 * count
     for length in lengths:
         images.append(bytes(view[at : at + length]))

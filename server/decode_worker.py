@@ -58,7 +58,7 @@ image would cost more than they do, and each child holds at most one such image 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What a child needs to decode like the server; the first message it receives."""
+    """What a child needs to decode like the server; it travels as JSON on the child's command line."""
 
     limits: ImageLimits
     image_size: int
@@ -257,15 +257,15 @@ def _read(from_parent: int, chunks: queue.SimpleQueue[list[bytes] | None], grant
     while True:
         try:
             kind, body = wire.read_frame(from_parent, sys.maxsize, wire.FROM_PARENT)  # the parent is trusted
-        except (wire.WireError, OSError):
-            kind, body = wire.STOP, bytearray()
+            images = wire.decode_chunk(body) if kind == wire.CHUNK else None
+        except (wire.WireError, OSError):  # the parent is gone, or a bug: end, and the parent restarts us
+            kind, images = wire.STOP, None
         if kind == wire.GRANT:
             grants.put(True)
             continue
+        chunks.put(images)
         if kind == wire.STOP:
-            chunks.put(None)
             return
-        chunks.put(wire.decode_chunk(body))
 
 
 def main() -> None:

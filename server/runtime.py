@@ -1,6 +1,6 @@
-"""Process-level settings that decide how fast PyTorch runs on a CPU: one compute thread, no page faults.
+"""Process-level settings that decide how fast the server runs: one compute thread, no page faults, short GCs.
 
-Two effects, each worth 20-40% on the 2-core development machine:
+Three effects (the first two each worth 20-40% on the 2-core development machine):
 
 - OpenMP thread pools. libgomp (PyTorch's OpenMP) keeps one pool of worker
   threads per thread that ever ran a parallel op. Once all pools together hold

@@ -129,3 +129,5 @@ def test_a_chunk_whose_lengths_do_not_add_up_is_refused() -> None:
     body = bytearray(b"".join(wire.encode_chunk([b"abc", b"de"])))
     with pytest.raises(wire.WireError):
         wire.decode_chunk(body + b"!")
+    with pytest.raises(wire.WireError):
+        wire.decode_chunk(bytearray(b"\x05\x00\x00\x00"))  # 5 images and no lengths

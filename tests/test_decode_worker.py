@@ -156,6 +156,18 @@ def test_a_malformed_answer_restarts_the_worker_and_no_image_is_lost(
         np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
 
 
+def test_a_chunk_the_child_cannot_read_ends_it_and_the_next_chunk_is_decoded_by_a_new_one(
+    worker: ProcessDecoder,
+) -> None:
+    child = worker._process
+    wire.write_frame(worker._to_child, wire.CHUNK, b"\x05\x00\x00\x00")  # 5 images, no lengths
+    assert child.wait(timeout=10) == 0  # it stops rather than waiting forever on a broken reader
+    chunk = [images.png(16, 16, seed=1), images.png(20, 20, seed=2)]
+    for data, result in zip(chunk, worker.decode(chunk), strict=True):
+        np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
+    assert worker._process is not child
+
+
 def test_closing_ends_the_child(budget: PixelBudget) -> None:
     decoder = ProcessDecoder(Setup(LIMITS, 224, idle_trim_s=0.2), budget)
     decoder.decode([images.png()])
