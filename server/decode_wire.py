@@ -31,6 +31,8 @@ import numpy as np
 from server import errors
 from server.errors import EmbedError
 
+Buffer = bytes | memoryview
+
 HOLD, RELEASE, DONE = b"H", b"R", b"D"
 CHUNK, GRANT, STOP = b"C", b"G", b"S"
 FROM_CHILD, FROM_PARENT = (HOLD, RELEASE, DONE), (CHUNK, GRANT, STOP)
@@ -49,9 +51,10 @@ class WireError(Exception):
     """The other side closed the pipe, or sent what this format does not allow."""
 
 
-def write_frame(fd: int, kind: bytes, *body: bytes) -> None:
+def write_frame(fd: int, kind: bytes, *body: Buffer) -> None:
     """Writes one frame whose body is the `body` parts one after the other (not joined first)."""
-    parts = [memoryview(_HEADER.pack(kind, sum(map(len, body)))), *(memoryview(part).cast("B") for part in body)]
+    views = [memoryview(part).cast("B") for part in body]  # flat: len() counts bytes, whatever the shape
+    parts = [memoryview(_HEADER.pack(kind, sum(map(len, views)))), *views]
     while parts:
         written = os.writev(fd, parts[:_IOV_MAX])
         while parts and written >= len(parts[0]):
@@ -79,7 +82,7 @@ def decode_count(body: bytearray) -> int:
     return _U64.unpack(body)[0]
 
 
-def encode_chunk(images: Sequence[bytes]) -> list[bytes]:
+def encode_chunk(images: Sequence[bytes]) -> list[Buffer]:
     """A CHUNK body, as parts for `write_frame`: the images themselves are not copied."""
     return [_U32.pack(len(images)) + struct.pack(f"<{len(images)}Q", *map(len, images)), *images]
 
@@ -101,8 +104,9 @@ def decode_chunk(body: bytearray) -> list[bytes]:
     return images
 
 
-def encode_results(results: Sequence[np.ndarray | EmbedError], failures: Sequence[str]) -> bytes:
-    """A DONE body: each result (pixels or error) in order, and the failures' texts for the log."""
+def encode_results(results: Sequence[np.ndarray | EmbedError], failures: Sequence[str]) -> list[Buffer]:
+    """A DONE body, as parts for `write_frame`: each result (pixels or error) in order, and the
+    failures' texts for the log; the pixels themselves are not copied."""
     parts = [_U32.pack(len(results))]
     pixels = []
     for result in results:
@@ -117,7 +121,7 @@ def encode_results(results: Sequence[np.ndarray | EmbedError], failures: Sequenc
     for failure in failures:
         text = failure.encode()[:_FAILURE_BYTES]
         parts += [_U32.pack(len(text)), text]
-    return b"".join([*parts, *pixels])
+    return [b"".join(parts), *pixels]
 
 
 def max_results_body(count: int, image_size: int) -> int:

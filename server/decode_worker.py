@@ -289,5 +289,5 @@ def main() -> None:
         if images is None:
             return
         results, failures = _decode_chunk(images, setup, budget)
-        wire.write_frame(to_parent, wire.DONE, wire.encode_results(results, failures))
+        wire.write_frame(to_parent, wire.DONE, *wire.encode_results(results, failures))
         dirty = True

@@ -21,7 +21,7 @@ def pixels(value: int) -> np.ndarray:
 
 def test_results_and_failures_come_back_as_sent() -> None:
     sent = [pixels(1), InvalidImage("corrupt PNG"), pixels(2), Internal("internal error"), pixels(3)]
-    body = bytearray(wire.encode_results(sent, ["Traceback: boom"]))
+    body = bytearray(b"".join(wire.encode_results(sent, ["Traceback: boom"])))
     results, failures = wire.decode_results(body, len(sent), SIZE)
     assert failures == ["Traceback: boom"]
     for got, want in zip(results, sent, strict=True):
@@ -32,7 +32,7 @@ def test_results_and_failures_come_back_as_sent() -> None:
 
 
 def test_a_chunk_of_errors_only() -> None:
-    results, _ = wire.decode_results(bytearray(wire.encode_results([InvalidImage("x")], [])), 1, SIZE)
+    results, _ = wire.decode_results(bytearray(b"".join(wire.encode_results([InvalidImage("x")], []))), 1, SIZE)
     assert isinstance(results[0], InvalidImage)
 
 
@@ -42,7 +42,7 @@ def corrupt(body: bytes, at: int, value: bytes) -> bytearray:
     return changed
 
 
-GOOD = wire.encode_results([pixels(1), InvalidImage("bad")], [])
+GOOD = b"".join(wire.encode_results([pixels(1), InvalidImage("bad")], []))
 
 
 @pytest.mark.parametrize(
@@ -131,3 +131,14 @@ def test_a_chunk_whose_lengths_do_not_add_up_is_refused() -> None:
         wire.decode_chunk(body + b"!")
     with pytest.raises(wire.WireError):
         wire.decode_chunk(bytearray(b"\x05\x00\x00\x00"))  # 5 images and no lengths
+
+
+def test_a_results_frame_written_in_parts_reads_back_as_one_body() -> None:
+    sent = [pixels(7), InvalidImage("bad"), pixels(9)]  # 2-D pixel buffers: sized in bytes, not rows
+    read, write = os.pipe()
+    wire.write_frame(write, wire.DONE, *wire.encode_results(sent, []))
+    os.close(write)
+    kind, body = wire.read_frame(read, wire.max_results_body(len(sent), SIZE))
+    os.close(read)
+    results, _ = wire.decode_results(body, len(sent), SIZE)
+    assert kind == wire.DONE and np.array_equal(results[0], sent[0]) and np.array_equal(results[2], sent[2])
