@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -207,17 +208,18 @@ class Worker:
     async def handler(self, job: dict[str, Any]) -> dict[str, Any]:
         """The RunPod handler: a job's input in; embeddings, or a top-level "error", out."""
         REQUEST_ID.set(str(job.get("id", "-"))[:100])  # this job's task only: log lines carry the job id
+        deadline = time.monotonic() + self.settings.runpod_job_timeout_s
         try:
             request = parse_input(job.get("input"), self.settings.max_images_per_request)
-            return await self._answer(request)
+            return await self._answer(request, deadline)
         except errors.EmbedError as exc:
             return self._failed(code_of(exc), str(exc))
         except Exception:
             log.exception("job %s failed inside the worker", job.get("id"))
             return self._failed("INTERNAL", INTERNAL_MESSAGE)
 
-    async def _answer(self, request: JobInput) -> dict[str, Any]:
-        results = await self._embed_all(request)
+    async def _answer(self, request: JobInput, deadline: float) -> dict[str, Any]:
+        results = await self._embed_all(request, deadline)
         if request.single:
             error = results[0].error
             if error is not None:
@@ -233,7 +235,7 @@ class Worker:
             "errors": [{"index": index, "code": code_of(exc), "message": str(exc)} for index, exc in failed],
         })  # fmt: skip
 
-    async def _embed_all(self, request: JobInput) -> list[ImageResult]:
+    async def _embed_all(self, request: JobInput, deadline: float) -> list[ImageResult]:
         """Base64-decodes each image (a bad one fails alone) and embeds the others in one engine call."""
         decoded: list[bytes | ImageResult] = []
         for text in request.images:
@@ -242,12 +244,13 @@ class Worker:
             except errors.InvalidImage as exc:
                 decoded.append(ImageResult(error=exc))
         datas = [item for item in decoded if isinstance(item, bytes)]
-        embedded = iter(await self._in_engine(self._embed(datas, request.options)) if datas else [])
+        embedded = iter(await self._in_engine(self._embed(datas, request.options, deadline)) if datas else [])
         return [next(embedded) if isinstance(item, bytes) else item for item in decoded]
 
-    async def _embed(self, datas: list[bytes], options: EmbedOptions) -> list[ImageResult]:
-        """Runs on the engine's loop. A job this worker took has nowhere better to go: it waits for capacity."""
-        return await self.service.embed(datas, options, wait=True)
+    async def _embed(self, datas: list[bytes], options: EmbedOptions, deadline: float) -> list[ImageResult]:
+        """Runs on the engine's loop. A job this worker took has nowhere better to go: it waits for room,
+        up to `max_queue_s` (then RESOURCE_EXHAUSTED); images not embedded by `deadline` fail DEADLINE_EXCEEDED."""
+        return await self.service.embed(datas, options, deadline, wait=True)
 
     def _done(self, output: dict[str, Any]) -> dict[str, Any]:
         self.service.metrics.requests.labels("RunPodJob", "OK").inc()

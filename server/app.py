@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.callers import CallLimitInterceptor, CallLimits
 from server.config import Settings
 from server.errors import StartupError
 from server.grpc_service import SERVICE_NAME, EmbedServicer, add_to_server
@@ -39,7 +40,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     a body nobody reads yet stays in its 64 KB flow-control window (see
     EmbedServicer.Embed). gRPC's own queue of calls not yet handed to Python
     cancels calls past 1,000 (CANCELLED, which clients do not retry); it is
-    raised well past `max_concurrent_rpcs`, whose refusal is RESOURCE_EXHAUSTED.
+    raised well past `max_concurrent_rpcs`, whose refusal is RESOURCE_EXHAUSTED
+    (server/callers.py counts calls, per caller and in all, health not included).
     """
     pending = 16 * settings.max_concurrent_rpcs
     return [
@@ -80,11 +82,9 @@ class EmbedServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
         if settings.api_key:
             interceptors.append(ApiKeyInterceptor(settings.api_key))
-        self._server = grpc.aio.server(
-            interceptors=interceptors,
-            options=grpc_options(settings),
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        )
+        self.calls = CallLimits(settings.max_calls_per_caller, settings.max_concurrent_rpcs)
+        interceptors.append(CallLimitInterceptor(self.calls, self.metrics.refused.labels("calls").inc))
+        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
         add_to_server(EmbedServicer(self.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -6,13 +6,16 @@ batch until `max_batch_size` images or until the first image has waited
 already being decoded (the host is the bottleneck then, and a full batch
 costs it less per image); it waits for nothing when no image is on its way.
 Whatever queued up while the model was busy goes into the next batch at once.
-Images whose caller left or whose deadline passed are dropped before the
-forward pass. The forward pass runs on the model's compute thread, so the
+Images whose caller left are taken out of the queue at once (`discard`), so
+they neither fill a batch nor count toward the queue; those whose deadline
+passed are dropped before the forward pass. The forward pass runs on the model's compute thread, so the
 event loop keeps serving I/O meanwhile; one that takes longer than
 `forward_timeout_s` fails its images and marks the worker unhealthy.
 
 Callers hand images over in chunks (`put`), each with a `Sink` that takes
 their outputs back: one object per request instead of a future per image.
+Every forward pass's time is recorded in `forward_times`, the engine's clock
+for admission (server/throughput.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from server.errors import DeadlineExceeded, EmbedError, InferenceFailed, Unavail
 from server.metrics import Metrics
 from server.model import BatchOutput
 from server.runtime import ComputeThread
+from server.throughput import ForwardTimes
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,7 @@ class Batcher:
         on_health: Callable[[bool], None] = lambda healthy: None,
         coming: Callable[[], int] = lambda: 1,
         backlog_wait_ms: float = 0.0,
+        forward_times: ForwardTimes | None = None,
     ) -> None:
         self._forward = forward
         # Read each time a batch is formed: the runner lowers it after running out of device memory.
@@ -119,6 +124,7 @@ class Batcher:
         self._probe_interval_s = probe_interval_s
         self._on_health = on_health
         self._coming = coming
+        self.forward_times = forward_times or ForwardTimes()
         self._healthy = True
         self.stalled = False  # a forward pass overran its timeout and has not returned yet
         self._prober: asyncio.Task[None] | None = None
@@ -173,8 +179,7 @@ class Batcher:
         running: asyncio.Task[None] | None = None
         while True:
             self._forming = await self._collect(running)
-            batch = self._live(self._forming)
-            self._forming = []
+            batch, self._forming = self._forming, []
             if not batch:
                 continue
             queued = asyncio.get_running_loop().create_task(self._run_batch(batch, running), name="batch")
@@ -210,11 +215,14 @@ class Batcher:
             self._set_healthy(False)
             return
         if len(rows) < len(batch):  # count and answer those whose caller left while the batch waited
-            kept = set(rows)
-            self._live([entry for row, entry in enumerate(batch) if row not in kept])
+            kept, now = set(rows), time.monotonic()
+            for row, entry in enumerate(batch):
+                if row not in kept:
+                    self._is_live(entry, now)
         if output is None:
             return
         elapsed = time.monotonic() - started
+        self.forward_times.observe(len(rows), elapsed)
         self._metrics.batch_size.observe(len(rows))
         self._metrics.inference_seconds.observe(elapsed)
         self._set_healthy(True)
@@ -264,7 +272,7 @@ class Batcher:
     async def _collect(self, running: asyncio.Task[None] | None) -> list[_Entry]:
         """Waits for a first image, then for a full batch: as long as the model is busy with
         `running`, else up to max_wait after the first image (backlog_wait when `coming()`
-        images, those on their way from decoding, would fill it).
+        images, those on their way from decoding, would fill it). Returns the live images taken.
 
         It stops waiting when nothing is on its way (a lone request is not held back for nothing).
         """
@@ -291,25 +299,40 @@ class Batcher:
                     await self._wakeup.wait()
             except TimeoutError:
                 break
-        count = min(len(self._pending), limit)
-        batch = [self._pending.popleft() for _ in range(count)]
+        batch: list[_Entry] = []
+        now = time.monotonic()
+        while self._pending and len(batch) < limit:
+            entry = self._pending.popleft()
+            if self._is_live(entry, now):
+                batch.append(entry)
         self._metrics.queue_depth.set(len(self._pending))
         return batch
 
-    def _live(self, batch: list[_Entry]) -> list[_Entry]:
-        """Drops entries whose caller left or whose deadline passed."""
-        now = time.monotonic()
-        live = []
-        for entry in batch:
-            expired = entry.deadline is not None and now >= entry.deadline
-            if not entry.sink.wanted():
-                self._metrics.dropped.labels("deadline" if expired else "cancelled").inc()
-            elif expired:
-                self._metrics.dropped.labels("deadline").inc()
-                entry.sink.settle(entry.index, DeadlineExceeded("deadline passed while the image was queued"))
-            else:
-                live.append(entry)
-        return live
+    def discard(self, sink: Sink, reason: str) -> int:
+        """Takes a sink's queued images out of the queue (its caller left); returns how many.
+
+        `reason` (cancelled, deadline) labels them in `dinov2_dropped_images_total`.
+        """
+        kept = [entry for entry in self._pending if entry.sink is not sink]
+        dropped = len(self._pending) - len(kept)
+        if dropped:
+            self._pending.clear()
+            self._pending.extend(kept)
+            self._metrics.dropped.labels(reason).inc(dropped)
+            self._metrics.queue_depth.set(len(self._pending))
+        return dropped
+
+    def _is_live(self, entry: _Entry, now: float) -> bool:
+        """False for an entry whose caller left or whose deadline passed (it is counted, and answered if wanted)."""
+        expired = entry.deadline is not None and now >= entry.deadline
+        if not entry.sink.wanted():
+            self._metrics.dropped.labels("deadline" if expired else "cancelled").inc()
+            return False
+        if expired:
+            self._metrics.dropped.labels("deadline").inc()
+            entry.sink.settle(entry.index, DeadlineExceeded("deadline passed while the image was queued"))
+            return False
+        return True
 
     def _fail_pending(self, error: EmbedError) -> None:
         while self._pending:

@@ -54,6 +54,11 @@ class Settings:
         "(the host is the bottleneck: a full batch costs it less per image).",
     )
     max_queue_images: int = _opt(1024, "Images accepted but not yet answered; beyond it RESOURCE_EXHAUSTED.")
+    max_queue_s: float = _opt(
+        30.0,
+        "Seconds of work accepted and not yet answered, at the measured speed; a request arriving behind more "
+        "is refused RESOURCE_EXHAUSTED (and a RunPod job waits at most this long for room).",
+    )
     max_images_per_request: int = _opt(256, "Most images in one EmbedRequest.")
     max_image_bytes: int = _opt(32 * 1024 * 1024, "Largest encoded image, in bytes.")
     max_image_pixels: int = _opt(50_000_000, "Largest decoded image, in pixels (width x height).")
@@ -64,7 +69,12 @@ class Settings:
     max_decode_pixels: int = _opt(
         200_000_000, "Full-size pixels being decoded at once over all workers; beyond it an image waits its turn."
     )
-    max_concurrent_rpcs: int = _opt(512, "Calls handled at once; beyond it gRPC answers RESOURCE_EXHAUSTED.")
+    max_concurrent_rpcs: int = _opt(
+        2048, "Calls handled at once, health checks not counted; beyond it RESOURCE_EXHAUSTED."
+    )
+    max_calls_per_caller: int = _opt(
+        256, "Calls one caller (a peer address) has open at once, idle streams included; beyond it RESOURCE_EXHAUSTED."
+    )
     max_receiving_requests: int = _opt(4, "Embed bodies read at once; other callers' bodies wait, unread.")
     receive_timeout_s: float = _opt(30.0, "Longest an Embed body may take to arrive once its read began.")
     preprocess_workers: int = _opt(
@@ -80,6 +90,9 @@ class Settings:
     metrics_port: int = _opt(9090, "Prometheus metrics port (-1 disables, 0 picks a free one).")
     log_level: str = _opt("INFO", "Logging level.")
     runpod_concurrency: int = _opt(64, "RunPod jobs one worker runs at once (runpod_handler.py only).")
+    runpod_job_timeout_s: float = _opt(
+        600.0, "A RunPod job's images not embedded within this many seconds fail DEADLINE_EXCEEDED."
+    )
     log_format: str = _opt("text", "Log lines as text or json.", choices=("text", "json"))
     api_key: str | None = _opt(None, "Require 'authorization: Bearer <key>' on every RPC but health.", secret=True)
     tls_cert: str | None = _opt(None, "PEM certificate file; with --tls-key, serve TLS.")
@@ -96,7 +109,8 @@ class Settings:
         object.__setattr__(self, "max_batch_size", batch_size.parse(self.max_batch_size))
         positive = ("max_queue_images", "max_images_per_request", "max_image_bytes",
                     "max_image_pixels", "max_request_bytes", "max_inflight_bytes", "max_decode_pixels",
-                    "max_concurrent_rpcs", "max_receiving_requests", "stream_window", "runpod_concurrency")  # fmt: skip
+                    "max_concurrent_rpcs", "max_calls_per_caller", "max_receiving_requests", "stream_window",
+                    "runpod_concurrency")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -106,8 +120,12 @@ class Settings:
             raise ValueError(
                 "max_wait_ms, backlog_wait_ms and grace_s must not be negative, probe_interval_s must be positive"
             )
-        if self.forward_timeout_s <= 0 or self.receive_timeout_s <= 0 or self.idle_trim_s < 0:
-            raise ValueError("forward_timeout_s and receive_timeout_s must be positive, idle_trim_s not negative")
+        if min(self.forward_timeout_s, self.receive_timeout_s, self.max_queue_s, self.runpod_job_timeout_s) <= 0:
+            raise ValueError(
+                "forward_timeout_s, receive_timeout_s, max_queue_s and runpod_job_timeout_s must be positive"
+            )
+        if self.idle_trim_s < 0:
+            raise ValueError(f"idle_trim_s must not be negative, not {self.idle_trim_s}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be from 0 to 65535 (0 picks a free one), not {self.port}")
         if not -1 <= self.metrics_port <= 65535:
@@ -119,7 +137,9 @@ class Settings:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """`host:port` as gRPC takes it (an IPv6 host in brackets: `[::]:50051`)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
 
     @property
     def decode_workers(self) -> int:

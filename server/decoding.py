@@ -30,6 +30,7 @@ import numpy as np
 
 from server.errors import EmbedError, Internal, detached
 from server.runtime import name_os_thread
+from server.throughput import DecodeTimes
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class DecodePool:
 
     def __init__(self, decoders: Sequence[ChunkDecoder], slice_s: float = 0.02) -> None:
         self._slice_s = slice_s
+        self.times = DecodeTimes(len(decoders))  # admission's estimate of the decoding ahead
         self._turns: collections.deque[Lane] = collections.deque()  # the lanes with queued jobs
         self._cond = threading.Condition()
         self._closed = False
@@ -146,8 +148,12 @@ class DecodePool:
     @property
     def pending(self) -> int:
         """Images queued or being decoded, over all jobs: more images are on their way to the batcher."""
+        return self.backlog()[0]
+
+    def backlog(self) -> tuple[int, int]:
+        """Images queued or being decoded, and the callers (lanes) with images queued."""
         with self._cond:
-            return self.busy_images + sum(job.queued for lane in self._turns for job in lane.jobs)
+            return self.busy_images + sum(job.queued for lane in self._turns for job in lane.jobs), len(self._turns)
 
     def submit(self, images: Sequence[bytes], deliver: Deliver, lane: Lane | None = None) -> DecodeJob:
         """Queues a request's images; `deliver` gets them back in chunks, on the calling loop.
@@ -249,6 +255,7 @@ class DecodePool:
     def _hand_back(self, job: DecodeJob, start: int, count: int, results: list[Decoded], seconds: float) -> None:
         with self._cond:
             job.lane.seconds_per_image = seconds / count
+            self.times.observe(count, seconds)
         if not job.cancelled:
             try:
                 job.loop.call_soon_threadsafe(self._deliver, job, start, count, results)

@@ -22,7 +22,15 @@ class InvalidRequest(EmbedError):
 
 
 class Overloaded(EmbedError):
-    """The queue is full; the caller should retry later."""
+    """The server cannot take this work now (full, or too far behind to answer in time); retry later.
+
+    `reason` names the bound that refused it, for the metrics: images, bytes,
+    queue_time, deadline, wait (a waiting job's deadline passed) or calls.
+    """
+
+    def __init__(self, message: str, reason: str = "images") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Unavailable(EmbedError):

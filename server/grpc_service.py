@@ -139,6 +139,14 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _request_deadline(request: embed_pb2.EmbedRequest, call_deadline: float | None, arrived: float) -> float | None:
+    """The earlier of the call's deadline and the request's own `timeout_ms` from its arrival."""
+    if not request.timeout_ms:
+        return call_deadline
+    own = arrived + request.timeout_ms / 1000.0
+    return own if call_deadline is None else min(own, call_deadline)
+
+
 def _response(request: embed_pb2.EmbedRequest, results: list[ImageResult], started: float) -> embed_pb2.EmbedResponse:
     response = embed_pb2.EmbedResponse()
     for image, result in zip(request.images, results, strict=True):
@@ -173,8 +181,9 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
             request = received.request
             _check_response_size(request, self._service.info.embedding_dim, self._service.settings.max_request_bytes)
             results = await self._service.embed(
-                _ImageBytes(request.images), _options(request), deadline, nbytes=received.nbytes, lane=lane
-            )
+                _ImageBytes(request.images), _options(request), _request_deadline(request, deadline, started),
+                nbytes=received.nbytes, lane=lane,
+            )  # fmt: skip
         except errors.EmbedError as exc:
             level = logging.WARNING if isinstance(received, MalformedRequest) else logging.INFO
             log.log(level, "request refused: %s: %s", status_of(exc).name, exc)

@@ -1,11 +1,13 @@
 """The service API shared by every transport: validate, decode, submit, pool.
 
 The gRPC servicer and the RunPod handler both call `EmbedService.embed`. It
-checks the request, admits it against the bounds on images and bytes in
-flight, decodes its images on the shared decode pool (so one bad image fails
-alone, before batching), hands the pixels to the batcher chunk by chunk and
-pools the model output per image. A request is one `_Request` object that
-both the decode pool and the batcher report to, and one future its caller awaits.
+checks the request, admits it against the bounds on images, bytes and time
+(server/admission.py, timed by server/throughput.py), decodes its images on
+the shared decode pool (so one bad image fails alone, before batching), hands
+the pixels to the batcher chunk by chunk and pools the model output per
+image. A request is one `_Request` object that both the decode pool and the
+batcher report to, and one future its caller awaits; at its deadline, what
+is not answered yet is answered DEADLINE_EXCEEDED and its queued work dropped.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from server.batcher import Batcher, ItemOutput
 from server.config import Settings
 from server.decode_worker import ProcessDecoder, Setup
 from server.decoding import Decoded, DecodeJob, DecodePool, Lane
-from server.errors import EmbedError, Internal, InvalidRequest, Unavailable
+from server.errors import DeadlineExceeded, EmbedError, Internal, InvalidRequest, Overloaded, Unavailable
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
 from server.preprocess import ImageLimits, PixelBudget, decode
 from server.runtime import release_memory
+from server.throughput import Estimate, Throughput
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class ServiceInfo:
     max_image_pixels: int
     max_request_bytes: int
     max_queue_images: int
+    max_queue_s: float
     server_version: str
 
 
@@ -131,6 +135,12 @@ class _Request:
     def wanted(self) -> bool:
         return not self.done.done()
 
+    def expire(self) -> None:
+        """The deadline passed: every image not answered yet is answered DEADLINE_EXCEEDED."""
+        for index, result in enumerate(self.results):
+            if result is None:
+                self.settle(index, DeadlineExceeded("deadline passed before this image was embedded"))
+
     def settle(self, index: int, result: ItemOutput | EmbedError) -> None:
         if self.results[index] is not None or self.done.done():
             return
@@ -173,7 +183,11 @@ class EmbedService:
             coming=lambda: self._decoder.pending,
             backlog_wait_ms=settings.backlog_wait_ms,
         )
-        self._admission = Admission(settings.max_queue_images, settings.max_inflight_bytes)
+        self.throughput = Throughput(self.batcher.forward_times, self._decoder.times)
+        self._admission = Admission(
+            settings.max_queue_images, settings.max_inflight_bytes, settings.max_queue_s, self._estimate
+        )
+        self.metrics.queued_work_seconds.set_function(self._admission.queued_seconds)
         self._trim: asyncio.TimerHandle | None = None
         self._received_since_gc = 0
         self._ready = False
@@ -193,6 +207,7 @@ class EmbedService:
             max_image_pixels=settings.max_image_pixels,
             max_request_bytes=settings.max_request_bytes,
             max_queue_images=settings.max_queue_images,
+            max_queue_s=settings.max_queue_s,
             server_version=_package_version(),
         )
         self.metrics.model_info.info({k: str(v) for k, v in vars(self.info).items()})
@@ -208,15 +223,32 @@ class EmbedService:
         listener(self.serving)
 
     async def start(self) -> None:
-        """Starts the batcher and warms the model up; only then does it serve."""
+        """Starts the batcher and warms the model up; only then does it serve.
+
+        One more pass of a single image, timed, is admission's first measure
+        of speed; the batches that follow replace it.
+        """
         self.batcher.start()
         await asyncio.wrap_future(self.runner.compute.submit(self.runner.warmup))
+        self.batcher.forward_times.observe(1, await asyncio.wrap_future(self.runner.compute.submit(self._timed_pass)))
         self._ready = True
         self._notify()
-        log.info("engine ready: batches of up to %d, max wait %.1f ms (%.1f ms with a backlog), queue bound %d images, "
-                 "%d decode workers (%s)", self.info.max_batch_size, self.settings.max_wait_ms,
+        log.info("engine ready: batches of up to %d, max wait %.1f ms (%.1f ms with a backlog), queue bound %d images "
+                 "and %g s, %d decode workers (%s)", self.info.max_batch_size, self.settings.max_wait_ms,
                  max(self.settings.max_wait_ms, self.settings.backlog_wait_ms), self.settings.max_queue_images,
-                 self.settings.decode_workers, self.settings.decode_in)  # fmt: skip
+                 self.settings.max_queue_s, self.settings.decode_workers, self.settings.decode_in)  # fmt: skip
+
+    def _timed_pass(self) -> float:
+        size = self.runner.image_size
+        started = time.perf_counter()
+        self.runner.embed([np.zeros((size, size), dtype=np.uint8)])
+        return time.perf_counter() - started
+
+    def _estimate(self, ahead: int, own: int) -> Estimate | None:
+        """How long until a request of `own` images, behind `ahead` accepted ones, is answered."""
+        decoding, callers = self._decoder.backlog()
+        limit = self.runner.batch_limit(self.settings.max_batch_size)
+        return self.throughput.estimate(ahead, own, decoding, callers, limit)
 
     @staticmethod
     def new_lane() -> Lane:
@@ -251,7 +283,10 @@ class EmbedService:
         `deadline` is a `time.monotonic()` instant; `nbytes`, the request's
         encoded size when the caller knows it without reading every image;
         `lane` (from `new_lane`), shared by the requests of one caller that
-        are decoded in order and take one turn among the callers.
+        are decoded in order and take one turn among the callers. A request
+        that would not be answered before its deadline is refused (`wait`:
+        waits for room until then, or `max_queue_s`); at the deadline the
+        images not answered yet are answered `DeadlineExceeded`.
         """
         if self._draining or not self._ready:
             raise Unavailable("server is draining" if self._draining else "server is not ready yet")
@@ -264,18 +299,21 @@ class EmbedService:
         cost = Cost(len(images), nbytes if nbytes is not None else sum(len(data) for data in images))
         self._arm_trim()  # also after a refusal: its body was received and parsed
         self._collect_now_and_then(cost.nbytes)
-        if wait:
-            await self._admission.acquire(cost)
-        else:
-            self._admission.try_acquire(cost)
+        await self._admit(cost, deadline, wait)
         self._in_flight_changed()
         request = _Request(len(images), options, deadline, self)
         job: DecodeJob | None = None
         try:
             job = self._decoder.submit(images, request.decoded, lane)
-            await request.done
+            if deadline is None:
+                await request.done
+            elif not (await asyncio.wait((request.done,), timeout=max(0.0, deadline - time.monotonic())))[0]:
+                self._drop(request, job, "deadline")
+                request.expire()
         except asyncio.CancelledError:
-            self._count_dropped(request, job)
+            expired = deadline is not None and time.monotonic() >= deadline
+            self._drop(request, job, "deadline" if expired else "cancelled")
+            request.done.cancel()
             raise
         finally:
             self._admission.release(cost)
@@ -286,15 +324,26 @@ class EmbedService:
             self.metrics.images.labels(outcome).inc(count)
         return results
 
-    def _count_dropped(self, request: _Request, job: DecodeJob | None) -> None:
-        """A cancelled call: its images that never reached the batcher are dropped here."""
+    async def _admit(self, cost: Cost, deadline: float | None, wait: bool) -> None:
+        """Takes `cost` into the work in flight, or raises `Overloaded` (counted by the bound that refused it)."""
+        try:
+            if wait:
+                room_by = time.monotonic() + self.settings.max_queue_s
+                await self._admission.acquire(cost, room_by if deadline is None else min(deadline, room_by))
+            else:
+                self._admission.try_acquire(cost, deadline)
+        except Overloaded as exc:
+            self.metrics.refused.labels(exc.reason).inc()
+            raise
+
+    def _drop(self, request: _Request, job: DecodeJob | None, reason: str) -> None:
+        """A call that ends before all its images are answered: its queued work is dropped, not computed."""
         if job is not None:
             self._decoder.cancel(job)
+        self.batcher.discard(request, reason)
         never_queued = len(request.results) - request.queued - request.answered_early
-        expired = request.deadline is not None and time.monotonic() >= request.deadline
         if never_queued > 0:
-            self.metrics.dropped.labels("deadline" if expired else "cancelled").inc(never_queued)
-        request.done.cancel()
+            self.metrics.dropped.labels(reason).inc(never_queued)
 
     def _collect_now_and_then(self, nbytes: int) -> None:
         """A full garbage collection per `max_inflight_bytes` of requests received.

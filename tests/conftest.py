@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,6 +71,24 @@ def reference(model_dir: Path) -> Reference:
 @pytest.fixture(scope="session")
 def corpus() -> dict[str, bytes]:
     return images.corpus()
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be used: a second address for a second caller on one machine."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Waits until `condition()` holds (checked every 20 ms); fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:

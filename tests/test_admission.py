@@ -1,13 +1,16 @@
-"""Admission: bounded by images and bytes; refuse at once, or wait first come first served."""
+"""Admission: bounded by images, bytes and time; refuse at once, or wait first come first served."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import pytest
 
-from server.admission import Admission, Cost
+from server.admission import SAFETY, Admission, Cost
 from server.errors import Overloaded
+from server.throughput import Estimate
 
 MB = 1 << 20
 
@@ -85,3 +88,48 @@ async def test_a_waiter_for_bytes_is_admitted_when_bytes_are_released() -> None:
 async def test_a_request_larger_than_a_bound_is_refused_not_parked(cost: Cost) -> None:
     with pytest.raises(Overloaded, match="can never fit"):
         await Admission(4, 10 * MB).acquire(cost)
+
+
+def clock(seconds_per_image: float) -> Any:
+    """An engine clock at a fixed speed: (images ahead, images of the new request) -> estimate."""
+
+    def estimate(ahead: int, own: int) -> Estimate:
+        return Estimate(ahead + own, (ahead + own) * seconds_per_image)
+
+    return estimate
+
+
+def test_a_request_behind_more_than_max_queue_s_of_work_is_refused_with_the_estimate() -> None:
+    admission = Admission(1000, 100 * MB, max_queue_s=10.0, clock=clock(0.5))
+    admission.try_acquire(images(18))  # 9 s of work: under the bound
+    admission.try_acquire(images(4))  # 11 s now, but the bound is on the work ahead of a request
+    with pytest.raises(Overloaded, match=r"about 11 s of work is queued \(22 images at about 2 images/s\)") as info:
+        admission.try_acquire(images(1))
+    assert info.value.reason == "queue_time" and admission.images == 22
+
+
+def test_a_request_that_would_miss_its_deadline_is_refused_at_once_with_the_estimated_wait() -> None:
+    admission = Admission(1000, 100 * MB, clock=clock(1.0))
+    admission.try_acquire(images(30), deadline=None)
+    with pytest.raises(Overloaded, match=r"answered in about 40 s \(30 images ahead of it, 10 in it") as info:
+        admission.try_acquire(images(10), deadline=time.monotonic() + 45)  # 40 s x SAFETY > 45 s
+    assert info.value.reason == "deadline"
+    admission.try_acquire(images(10), deadline=time.monotonic() + 40 * SAFETY + 5)
+    assert admission.images == 40
+
+
+def test_a_request_with_nothing_ahead_is_never_refused_for_time() -> None:
+    admission = Admission(1000, 100 * MB, max_queue_s=1.0, clock=clock(10.0))
+    admission.try_acquire(images(5), deadline=time.monotonic() + 1)  # 50 s of its own work
+    assert admission.images == 5
+
+
+async def test_a_waiter_whose_deadline_passes_is_refused_and_leaves_the_line() -> None:
+    admission = Admission(4, 100 * MB)
+    admission.try_acquire(images(4))
+    with pytest.raises(Overloaded, match="no capacity for 2 images within") as info:
+        await admission.acquire(images(2), deadline=time.monotonic() + 0.05)
+    assert info.value.reason == "wait"
+    admission.release(images(4))
+    admission.try_acquire(images(4))  # nobody is left waiting in front
+    assert admission.images == 4

@@ -25,8 +25,13 @@ class FakeModel:
         self.delay_s = delay_s
         self.fail_on = fail_on
         self.lock = threading.Lock()
+        self.entered = threading.Event()  # a forward pass began
+        self.gate: threading.Event | None = None  # when set up, passes wait for it
 
     def __call__(self, pixels: list[np.ndarray]) -> BatchOutput:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(timeout=60)
         time.sleep(self.delay_s)
         firsts = np.array([image[0, 0] for image in pixels], dtype=np.float32)
         with self.lock:
@@ -39,6 +44,35 @@ class FakeModel:
 
 def image(value: int) -> np.ndarray:
     return np.full((4, 4), value, dtype=np.uint8)
+
+
+class Collect:
+    """A sink for one request's images, as the service's is; `left()` is its caller leaving."""
+
+    def __init__(self, count: int) -> None:
+        self.results: dict[int, Any] = {}
+        self.count = count
+        self.done = asyncio.get_running_loop().create_future()
+        self._left = False
+
+    def wanted(self) -> bool:
+        return not self._left
+
+    def left(self) -> None:
+        self._left = True
+
+    def settle(self, index: int, result: Any) -> None:
+        self.results[index] = result
+        if len(self.results) == self.count and not self.done.done():
+            self.done.set_result(None)
+
+
+async def held(model: FakeModel, batcher: Batcher) -> asyncio.Future[Any]:
+    """Submits one image and returns once the model holds it (until `model.gate` is set)."""
+    model.gate = threading.Event()
+    busy = asyncio.ensure_future(batcher.submit(image(0)))
+    assert await asyncio.to_thread(model.entered.wait, 60)
+    return busy
 
 
 async def started(model: FakeModel, health: list[bool] | None = None, **kwargs: Any) -> Batcher:
@@ -209,4 +243,54 @@ async def test_a_batcher_that_dies_is_logged_and_reported_unhealthy(caplog: pyte
     assert any("batcher stopped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
     with pytest.raises(Unavailable, match="not running"):
         await batcher.submit(image(3))
+    await batcher.close()
+
+
+async def test_images_whose_caller_left_do_not_fill_a_batch() -> None:
+    model = FakeModel()
+    batcher = await started(model, max_wait_ms=0.0)
+    busy = await held(model, batcher)
+    gone, kept = Collect(6), Collect(8)
+    batcher.put([(i, image(10 + i)) for i in range(6)], gone, None)
+    gone.left()  # its images are still queued, in front of the next caller's
+    batcher.put([(i, image(20 + i)) for i in range(8)], kept, None)
+    model.gate.set()  # type: ignore[union-attr]
+    await asyncio.wait_for(kept.done, 60)
+    await busy
+    assert model.batches == [1, 8]  # the next batch is full of live images, not 2 behind 6 gone
+    assert model.seen == [0, *range(20, 28)]
+    assert batcher._metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) == 6
+    await batcher.close()
+
+
+async def test_discard_takes_a_callers_images_out_of_the_queue_at_once() -> None:
+    model = FakeModel()
+    batcher = await started(model, max_wait_ms=0.0, max_batch_size=16)
+    busy = await held(model, batcher)
+    gone, kept = Collect(6), Collect(3)
+    batcher.put([(i, image(10 + i)) for i in range(6)], gone, None)
+    batcher.put([(i, image(20 + i)) for i in range(3)], kept, None)
+    assert batcher.discard(gone, "deadline") == 6
+    metrics = batcher._metrics
+    assert metrics.value("dinov2_queue_depth") == 3  # the queue counts live images only, at once
+    assert metrics.value("dinov2_dropped_images_total", {"reason": "deadline"}) == 6
+    model.gate.set()  # type: ignore[union-attr]
+    await asyncio.wait_for(kept.done, 60)
+    await busy
+    assert model.batches == [1, 3] and not gone.results
+    await batcher.close()
+
+
+async def test_every_forward_pass_is_timed_by_its_batch_size() -> None:
+    model = FakeModel()
+    batcher = await started(model, max_wait_ms=0.0)
+    busy = await held(model, batcher)
+    rest = Collect(5)
+    batcher.put([(i, image(i)) for i in range(5)], rest, None)
+    model.gate.set()  # type: ignore[union-attr]
+    await asyncio.wait_for(rest.done, 60)
+    await busy
+    assert model.batches == [1, 5]
+    assert batcher.forward_times.batch_seconds(1) is not None
+    assert batcher.forward_times._seconds.keys() == {1, 5}
     await batcher.close()

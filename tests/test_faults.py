@@ -9,12 +9,11 @@ from collections.abc import Callable
 
 import grpc
 import numpy as np
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.dinov2.v1 import embed_pb2 as pb
 from tests import images
-from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close
+from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close, wait_for
 
 
 def health(server: RunningServer) -> int:
@@ -22,11 +21,22 @@ def health(server: RunningServer) -> int:
     return stub.Check(health_pb2.HealthCheckRequest(service="dinov2.v1.Embed"), timeout=5).status
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
+def missed_its_deadline(call: Callable[[], pb.EmbedResponse]) -> bool:
+    """The call failed DEADLINE_EXCEEDED, or was answered just in time with every image DEADLINE_EXCEEDED
+    (the server answers at the deadline: which of the two the client sees is a race)."""
+    try:
+        response = call()
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    return all(item.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] for item in response.embeddings)
+
+
+def believe_fast(server: RunningServer) -> None:
+    """Makes the server's clock say decoding and its model are instant, so admission lets a short deadline in."""
+    throughput = server.server.service.throughput
+    for _ in range(100):
+        throughput.forward.observe(1, 0.0)
+        throughput.decode.observe(1, 0.0)
 
 
 def request(n: int, seed: int = 0) -> pb.EmbedRequest:
@@ -72,9 +82,8 @@ def test_expired_unary_requests_never_reach_the_model(make_server, runner) -> No
     busy = threading.Thread(target=lambda: server.stub.Embed(request(1), timeout=30))
     busy.start()
     wait_for(lambda: controlled.calls > calls_before)
-    with pytest.raises(grpc.RpcError) as info:
-        server.stub.Embed(request(5, seed=50), timeout=0.15)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    believe_fast(server)
+    assert missed_its_deadline(lambda: server.stub.Embed(request(5, seed=50), timeout=0.15))
     controlled.allow(float("inf"))
     busy.join()
     server.stub.Embed(request(1), timeout=30)
@@ -112,9 +121,7 @@ def test_images_whose_deadline_passed_are_counted_as_deadline_not_cancelled(make
     controlled = ControlledRunner(runner)
     server = make_server(controlled, max_batch_size=1)
     controlled.delay_s = 0.6
-    with pytest.raises(grpc.RpcError) as info:
-        server.stub.Embed(request(4), timeout=0.3)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert missed_its_deadline(lambda: server.stub.Embed(request(4), timeout=0.3))
     dropped = server.metrics.value
     wait_for(lambda: dropped("dinov2_dropped_images_total", {"reason": "deadline"}) >= 3, timeout=30)
     assert dropped("dinov2_dropped_images_total", {"reason": "cancelled"}) == 0

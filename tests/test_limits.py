@@ -16,13 +16,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from bench.server_proc import ServerProcess
 from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
 from tests import images
-from tests.conftest import Reference, assert_close
+from tests.conftest import Reference, assert_close, ipv6_loopback
 
 GB = 1 << 30
 MB = 1 << 20
@@ -172,3 +173,41 @@ def test_two_thousand_connections_get_answers_or_clear_refusals(server: ServerPr
     assert server.peak_rss_bytes() < 2.5 * GB
     after = wait_for_rss_below(server, int(1.5 * GB), within_s=30)
     assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the load"
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6 loopback (::1) for a second caller address")
+def test_one_caller_holding_three_thousand_idle_streams_locks_out_neither_others_nor_health(
+    model_dir: Path,
+) -> None:
+    import asyncio
+
+    args = ["--model", str(model_dir), "--host", "::", "--port", "0", "--metrics-port", "-1"]
+    with ServerProcess(args, ready_timeout_s=180) as server:
+
+        async def flood() -> tuple[Counter[str], list[str]]:
+            flooder = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+            other = grpc.aio.insecure_channel(f"[::1]:{server.port}")
+            streams = [embed_pb2_grpc.EmbedStub(flooder).EmbedStream() for _ in range(3000)]
+            deadline = time.monotonic() + 120
+            while sum(call.done() for call in streams) < 3000 - 256:  # all but its bound are refused
+                assert time.monotonic() < deadline, f"{sum(c.done() for c in streams)} of 3000 streams ended"
+                await asyncio.sleep(0.05)
+            refused = Counter([(await call.code()).name for call in streams if call.done()])
+            outcomes: list[str] = []
+            request = pb.EmbedRequest(images=[pb.Image(data=images.png(32, 32))])
+            for _ in range(3):
+                answer = await embed_pb2_grpc.EmbedStub(other).Embed(request, timeout=60)
+                outcomes.append("OK" if answer.embeddings[0].values else "empty")
+            for channel in [other, flooder] * 20:
+                check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+                outcomes.append(health_pb2.HealthCheckResponse.ServingStatus.Name(check.status))
+            await flooder.close()
+            await other.close()
+            return refused, outcomes
+
+        refused, outcomes = asyncio.run(flood())
+        assert refused == {"RESOURCE_EXHAUSTED": 3000 - 256}, refused
+        assert outcomes == ["OK"] * 3 + ["SERVING"] * 40, outcomes
+        assert server.peak_rss_bytes() < 2.5 * GB
+        after = wait_for_rss_below(server, int(1.5 * GB), within_s=30)
+        assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the streams closed"

@@ -26,7 +26,7 @@ from server import errors
 from server.config import Settings
 from server.model import ModelRunner, Pooling
 from tests import images
-from tests.conftest import Reference, RunningServer, assert_close
+from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close, wait_for
 from tests.runpod_api import LocalRunPodApi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +55,8 @@ def make_worker(settings: Settings, runner: ModelRunner) -> Iterator[Any]:
     """Workers with changed settings, closed after the test."""
     started: list[Worker] = []
 
-    def make(**changes: Any) -> Worker:
-        started.append(Worker(dataclasses.replace(settings, **changes), runner))
+    def make(runner_: Any = None, **changes: Any) -> Worker:
+        started.append(Worker(dataclasses.replace(settings, **changes), runner_ or runner))
         return started[-1]
 
     yield make
@@ -277,6 +277,33 @@ async def test_jobs_over_the_queue_bound_wait_instead_of_failing(make_worker: An
     jobs = [run(small, {"images": [b64(images.png(seed=s))] * 3}) for s in range(4)]
     outputs = await asyncio.gather(*jobs)
     assert all(o.get("errors") == [] and all(e is not None for e in o["embeddings"]) for o in outputs), outputs
+
+
+async def test_a_job_that_finds_no_room_within_max_queue_s_fails_resource_exhausted(
+    make_worker: Any, runner: ModelRunner
+) -> None:
+    controlled = ControlledRunner(runner)
+    small = make_worker(controlled, max_queue_images=4, max_queue_s=0.5)
+    controlled.allow(controlled.images_seen)  # the first job's images wait in the model
+    try:
+        first = asyncio.ensure_future(run(small, {"images": [b64(GOOD)] * 4}))
+        await asyncio.to_thread(wait_for, lambda: small.service.metrics.value("dinov2_in_flight_images") == 4)
+        second = await run(small, {"images": [b64(GOOD)] * 2})
+    finally:
+        controlled.allow(float("inf"))
+    assert re.fullmatch(r"RESOURCE_EXHAUSTED: no capacity for 2 images within [\d.]+ s .*", second["error"]), second
+    assert (await first)["errors"] == []
+
+
+async def test_a_job_not_done_by_its_timeout_fails_deadline_exceeded(make_worker: Any, runner: ModelRunner) -> None:
+    controlled = ControlledRunner(runner)
+    slow = make_worker(controlled, runpod_job_timeout_s=0.5)
+    controlled.allow(controlled.images_seen)  # the model never answers in time
+    try:
+        output = await run(slow, {"image": b64(GOOD)})
+    finally:
+        controlled.allow(float("inf"))
+    assert output == {"error": "DEADLINE_EXCEEDED: image: deadline passed before this image was embedded"}
 
 
 # ------------------------------------------------------------ --test_input

@@ -27,14 +27,16 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., id: _Optional[str] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("images", "pooling", "normalize")
+    __slots__ = ("images", "pooling", "normalize", "timeout_ms")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     pooling: Pooling
     normalize: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -81,7 +83,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "revision", "embedding_dim", "image_size", "dtype", "device", "max_batch_size", "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_request_bytes", "max_queue_images", "server_version")
+    __slots__ = ("model_id", "revision", "embedding_dim", "image_size", "dtype", "device", "max_batch_size", "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_request_bytes", "max_queue_images", "server_version", "max_queue_s")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,7 @@ class InfoResponse(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     embedding_dim: int
@@ -108,4 +111,5 @@ class InfoResponse(_message.Message):
     max_request_bytes: int
     max_queue_images: int
     server_version: str
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_images: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    max_queue_s: float
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_images: _Optional[int] = ..., server_version: _Optional[str] = ..., max_queue_s: _Optional[float] = ...) -> None: ...
