@@ -1,15 +1,16 @@
 """`AsyncEmbedClient`: images in, embeddings out, over `EmbedStream`, for asyncio code.
 
 The heart of the client; `EmbedClient` runs this on a background event loop.
-A job reads its input lazily, `batch_size` images per request, keeps at most
-`window` requests in flight (spread round-robin over the servers' streams),
-retries requests refused as UNAVAILABLE or RESOURCE_EXHAUSTED with backoff,
-and hands results back in input order.
+A job reads its input lazily, `batch_size` images per request, keeps up to
+`window` requests in flight (spread round-robin over the servers' streams;
+fewer while the server is busy, client/window.py), retries refused requests
+with backoff (client/sender.py), and hands results back in input order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections import deque
@@ -19,19 +20,20 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.connection import DEFAULT_MAX_MESSAGE_BYTES, ITEM_RETRY_CODES, ConnectionOptions, Retrying, RetryPolicy
+from client.connection import DEFAULT_MAX_MESSAGE_BYTES, ConnectionOptions, RetryPolicy
 from client.errors import EmbedItemsError, EmbedRequestError, ItemError, ItemResult
 from client.images import Item, encode_many, take
-from client.streams import Lane, Lanes, StreamBroken
+from client.sender import Sender
+from client.streams import Lanes
+from client.window import AdaptiveWindow, AsyncGate
 from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 
 POOLINGS = {"cls": embed_pb2.POOLING_CLS, "mean": embed_pb2.POOLING_MEAN, "cls_mean": embed_pb2.POOLING_CLS_MEAN}
 """Pooling names accepted everywhere (the proto's enum numbers are accepted too)."""
 
-_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-_INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _MESSAGE_OVERHEAD = 64 * 1024  # room for protobuf framing and ids inside max_message_bytes
+_WIRE_S = 5.0  # beyond a request's timeout, time for its answer to arrive
 
 
 def pooling_value(pooling: str | int) -> int:
@@ -60,9 +62,13 @@ class AsyncEmbedClient:
 
     `target`: a `host:port`, a list of them (each request goes to the next
     server), or a `dns:///name:port` target (gRPC round-robin over its addresses).
-    `timeout`: seconds one request (up to `batch_size` images) may take, retries
-    included; None waits forever. `batch_size`, `window`: images per request and
-    requests in flight, the defaults of every call. See `ConnectionOptions` for
+    `timeout`: seconds the server may take to answer one request (up to
+    `batch_size` images) once it has it; it is sent with the request, so a
+    server that cannot make it refuses at once (and the request is tried again
+    later), and it never counts the time a request waits behind the job's own
+    earlier ones. None: no limit. `batch_size`, `window`: images per request and
+    most requests in flight, the defaults of every call (the window shrinks
+    while the server is busy and grows back). See `ConnectionOptions` for
     `tls`, `tls_ca`, `api_key`, `max_message_bytes`; `retry` for the backoff.
 
     Use as `async with AsyncEmbedClient(...) as client:` or call `close()`.
@@ -197,20 +203,28 @@ class AsyncEmbedClient:
         batch_size = _positive("batch_size", batch_size or self.batch_size)
         window = _positive("window", window or self.window)
         timeout = self.timeout if timeout is None else timeout
-        template = embed_pb2.EmbedRequest(pooling=pooling_value(pooling), normalize=normalize)
-        lanes = Lanes(self._opened(), self.connection.metadata)
+        template = embed_pb2.EmbedRequest(
+            pooling=pooling_value(pooling), normalize=normalize, timeout_ms=_timeout_ms(timeout)
+        )
+        retry = self.connection.retry
+        sender = Sender(
+            Lanes(self._opened(), self.connection.metadata, answer_within(timeout)),
+            AsyncGate(AdaptiveWindow(window, retry.on_window)),
+            retry,
+            template,
+        )
         in_flight: deque[asyncio.Task[list[ItemResult]]] = deque()
         requests = self._requests(images, batch_size).__aiter__()
         exhausted = False
         try:
-            while True:
+            for order in itertools.count():
                 while not exhausted and len(in_flight) < window:
                     try:
                         items = await requests.__anext__()
                     except StopAsyncIteration:
                         exhausted = True
                         break
-                    in_flight.append(asyncio.ensure_future(self._run(lanes, items, template, timeout)))
+                    in_flight.append(asyncio.ensure_future(sender.run(order, items)))
                 if not in_flight:
                     return
                 yield await in_flight.popleft()
@@ -218,7 +232,7 @@ class AsyncEmbedClient:
             for task in in_flight:
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
-            await lanes.close()
+            await sender.close()
 
     async def _requests(self, images: Iterable[Any] | AsyncIterable[Any], batch_size: int) -> AsyncIterator[list[Item]]:
         """The input cut into requests, read and encoded off the event loop."""
@@ -262,105 +276,20 @@ class AsyncEmbedClient:
         if current:
             yield current
 
-    async def _run(
-        self, lanes: Lanes, items: list[Item], template: embed_pb2.EmbedRequest, timeout: float | None
-    ) -> list[ItemResult]:
-        """One request: send the items that have bytes, merge the answers with client-side failures.
-
-        Images whose batch's forward pass failed (INTERNAL) are sent again,
-        up to `item_retries` times, after the policy's backoff.
-        """
-        retry = self.connection.retry
-        answers: dict[int, embed_pb2.Embedding] = {}
-        sendable = [item for item in items if item.error is None]
-        for attempt in range(1 + retry.item_retries):
-            if attempt:
-                await asyncio.sleep(retry.backoff(attempt - 1))
-            if sendable:
-                answers.update(await self._answers(lanes, sendable, template, timeout))
-            sendable = [item for item in sendable if _retryable(answers[item.index])]
-            if not sendable:
-                break
-        results = []
-        for item in items:
-            answer = answers.get(item.index)
-            if answer is None:
-                results.append(ItemResult(item.index, item.id, error=item.error))
-            elif answer.HasField("error"):
-                results.append(
-                    ItemResult(item.index, item.id, error=ItemError(answer.error.code, answer.error.message))
-                )
-            else:
-                results.append(ItemResult(item.index, item.id, embedding=np.asarray(answer.values, dtype=np.float32)))
-        return results
-
-    async def _answers(
-        self, lanes: Lanes, items: list[Item], template: embed_pb2.EmbedRequest, timeout: float | None
-    ) -> dict[int, embed_pb2.Embedding]:
-        """Sends `items` as one request; the server's answer for each, by input index."""
-        request = embed_pb2.EmbedRequest()
-        request.CopyFrom(template)
-        request.images.extend(embed_pb2.Image(data=item.data, id=item.id) for item in items)
-        ids = tuple(item.id for item in items)
-        response = await self._send(lanes, request, ids, timeout)
-        if len(response.embeddings) != len(items):
-            message = f"server answered {len(response.embeddings)} embeddings for {len(items)} images"
-            raise EmbedRequestError(_INTERNAL, message, ids)
-        return {item.index: answer for item, answer in zip(items, response.embeddings, strict=True)}
-
-    async def _send(
-        self, lanes: Lanes, request: embed_pb2.EmbedRequest, ids: tuple[str, ...], timeout: float | None
-    ) -> embed_pb2.EmbedResponse:
-        """Sends until answered, retrying refusals the policy allows on the next lane.
-
-        `timeout` bounds the whole request, retries included, unless the policy
-        budgets retries in seconds (`retry_for_s`): then it bounds each try.
-        """
-        retry = self.connection.retry
-        started = time.monotonic()
-        per_try = retry.retry_for_s is not None
-        deadline = None if timeout is None or per_try else started + timeout
-        attempt = 0
-        failed_lane: Lane | None = None
-        while True:
-            lane = lanes.pick(avoid=failed_lane)
-            if per_try and timeout is not None:
-                deadline = time.monotonic() + timeout
-            try:
-                future = await asyncio.wait_for(lane.send(request), _remaining(deadline))
-                response = await asyncio.wait_for(future, _remaining(deadline))
-            except StreamBroken as exc:
-                code, message = exc.code, exc.message
-            except TimeoutError:
-                raise EmbedRequestError(_DEADLINE_EXCEEDED, f"no answer within {timeout} s", ids, attempt + 1) from None
-            else:
-                if not response.HasField("error"):
-                    lane.succeeded()
-                    return response
-                code, message = response.error.code, response.error.message
-            if not retry.should_retry(code, message, attempt, time.monotonic() - started):
-                raise EmbedRequestError(code, message, ids, attempt + 1)
-            lane.failed(retry)
-            failed_lane = lane
-            pause = retry.backoff(attempt)
-            if not per_try and deadline is not None and time.monotonic() + pause >= deadline:
-                raise EmbedRequestError(code, f"{message} (timeout leaves no time to retry)", ids, attempt + 1)
-            if retry.on_retry is not None:
-                retry.on_retry(Retrying(code, message, attempt, time.monotonic() - started, pause, retry.retry_for_s))
-            await asyncio.sleep(pause)
-            attempt += 1
-
-
-def _retryable(answer: embed_pb2.Embedding) -> bool:
-    return answer.HasField("error") and answer.error.code in ITEM_RETRY_CODES
-
 
 def _take_and_encode(iterator: Iterator[Any], count: int, start: int) -> list[Item]:
     return encode_many(take(iterator, count), start)
 
 
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+def _timeout_ms(timeout: float | None) -> int:
+    """A request's `timeout_ms` (0: none), at least 1 ms."""
+    return 0 if timeout is None else max(1, round(1000 * timeout))
+
+
+def answer_within(timeout: float | None) -> float | None:
+    """How long the oldest request of a stream may wait for its answer: the server answers within
+    `timeout` of receiving it; the rest is room for the wire (a stuck server breaks the stream)."""
+    return None if timeout is None else timeout + max(_WIRE_S, 0.1 * timeout)
 
 
 def _positive(name: str, value: int) -> int:

@@ -13,10 +13,13 @@ from typing import Any, Protocol
 
 from client.async_client import POOLINGS
 from client.connection import Retrying, RetryPolicy
-from client.errors import ItemResult
+from client.errors import ItemResult, UsageError
 from client.manifest import Identity
 from client.runpod_client import DEFAULT_BASE_URL, RunPodClient
 from client.sync_client import EmbedClient
+from client.window import WindowListener
+
+DEFAULT_BATCH_SIZE = 32
 
 
 class Backend(Protocol):
@@ -32,13 +35,16 @@ def row_size(embedding_dim: int, pooling: str) -> int:
 
 
 class GrpcBackend:
-    """One or several `python -m server` addresses (round-robin), through `EmbedClient`."""
+    """One or several `python -m server` addresses (round-robin), through `EmbedClient`.
+
+    `batch_size` None: 32, or the server's `max_images_per_request` when that is smaller.
+    """
 
     def __init__(
         self,
         targets: list[str],
         *,
-        batch_size: int,
+        batch_size: int | None,
         window: int,
         timeout: float,
         retry_for_s: float,
@@ -46,14 +52,24 @@ class GrpcBackend:
         tls: bool = False,
         tls_ca: Path | None = None,
         on_retry: Callable[[Retrying], None] | None = None,
+        on_window: WindowListener | None = None,
     ) -> None:
+        self.batch_size = batch_size
         self.client = EmbedClient(
-            targets, timeout=timeout, batch_size=batch_size, window=window, tls=tls, tls_ca=tls_ca,
-            api_key=api_key, retry=RetryPolicy(retry_for_s=retry_for_s, on_retry=on_retry),
+            targets, timeout=timeout, batch_size=batch_size or DEFAULT_BATCH_SIZE, window=window, tls=tls,
+            tls_ca=tls_ca, api_key=api_key,
+            retry=RetryPolicy(retry_for_s=retry_for_s, on_retry=on_retry, on_window=on_window),
         )  # fmt: skip
 
     def identity(self, pooling: str, normalize: bool) -> Identity:
+        """What the server runs; refuses (`UsageError`) a --batch-size it would refuse every request of."""
         info = self.client.info()
+        most = info.max_images_per_request
+        if self.batch_size is not None and self.batch_size > most > 0:
+            raise UsageError(f"--batch-size {self.batch_size} is over the server's limit of {most} images per "
+                             f"request: give --batch-size {most} or less")  # fmt: skip
+        if self.batch_size is None and most > 0:
+            self.batch_size = min(DEFAULT_BATCH_SIZE, most)
         return Identity(
             model_id=info.model_id, revision=info.revision, dtype=info.dtype, embedding_dim=info.embedding_dim,
             pooling=pooling, normalize=normalize, dim=row_size(info.embedding_dim, pooling),
@@ -61,7 +77,7 @@ class GrpcBackend:
 
     def embed_batches(self, pairs: Iterable[tuple[str, Any]], pooling: str, normalize: bool
                       ) -> Iterator[list[ItemResult]]:  # fmt: skip
-        return self.client.embed_batches(pairs, pooling=pooling, normalize=normalize)
+        return self.client.embed_batches(pairs, pooling=pooling, normalize=normalize, batch_size=self.batch_size)
 
     def close(self) -> None:
         self.client.close()
@@ -85,11 +101,12 @@ class RunPodBackend:
         timeout: float,
         retry_for_s: float,
         on_retry: Callable[[Retrying], None] | None = None,
+        on_window: WindowListener | None = None,
     ) -> None:
         self.where = f"runpod:{endpoint_id}" if endpoint_id else f"runpod:{base_url}"
         self.client = RunPodClient(
             endpoint_id, api_key, base_url=base_url, timeout=timeout, batch_size=batch_size, window=window,
-            retry=RetryPolicy(retry_for_s=retry_for_s, on_retry=on_retry),
+            retry=RetryPolicy(retry_for_s=retry_for_s, on_retry=on_retry, on_window=on_window),
         )  # fmt: skip
 
     def identity(self, pooling: str, normalize: bool) -> Identity:

@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "RunPod: the RunPod API key [env RUNPOD_API_KEY]")  # fmt: skip
         sub.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
         sub.add_argument("--tls-ca", type=Path, metavar="PEM", help="root certificate file for TLS (implies --tls)")
-        sub.add_argument("--timeout", type=float, help="seconds to wait for one answer [60; RunPod 120]")
+        sub.add_argument("--timeout", type=float,
+                         help="seconds the server may take to answer one request once it has it (the time a request "
+                              "waits behind the job's own is not counted) [60; RunPod: an HTTP call, 120]")  # fmt: skip
 
     def job(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("paths", nargs="*", metavar="PATH",
@@ -67,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                               "OUT.parts/); JSON lines on stdout without it")  # fmt: skip
         sub.add_argument("--pooling", choices=list(POOLINGS), help="[cls]")
         sub.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="L2-normalize each embedding")
-        sub.add_argument("--batch-size", type=int, help="images per request [32; RunPod 16]")
-        sub.add_argument("--window", type=int, help="requests in flight [8; RunPod 4]")
+        sub.add_argument("--batch-size", type=int,
+                         help="images per request [32, or the server's limit when lower; RunPod 16]")  # fmt: skip
+        sub.add_argument("--window", type=int,
+                         help="most requests in flight; fewer while the server is busy [8; RunPod 4]")  # fmt: skip
         sub.add_argument("--resume", action="store_true",
                          help="continue the job at OUT (its recorded inputs and options unless given); "
                               "running the same command again does the same")  # fmt: skip
@@ -181,16 +185,17 @@ def _backend_factory(args: argparse.Namespace, waiting: Waiting) -> Callable[[],
             return RunPodBackend(
                 args.runpod_endpoint, args.api_key or os.environ.get("RUNPOD_API_KEY"), base_url=base_url,
                 batch_size=args.batch_size or 16, window=args.window or 4, timeout=args.timeout or 120.0,
-                retry_for_s=args.retry_for, on_retry=waiting,
+                retry_for_s=args.retry_for, on_retry=waiting, on_window=waiting.window_changed,
             )  # fmt: skip
 
         return runpod
 
     def grpc() -> Backend:
         return GrpcBackend(
-            args.server or ["localhost:50051"], batch_size=args.batch_size or 32, window=args.window or 8,
+            args.server or ["localhost:50051"], batch_size=args.batch_size, window=args.window or 8,
             timeout=args.timeout or 60.0, retry_for_s=args.retry_for, tls=args.tls, tls_ca=args.tls_ca,
             api_key=args.api_key or os.environ.get("DINOV2_API_KEY"), on_retry=waiting,
+            on_window=waiting.window_changed,
         )  # fmt: skip
 
     return grpc

@@ -17,11 +17,18 @@ from pathlib import Path
 
 import grpc
 
+from client.window import WindowListener
+
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 """The server's default `max_request_bytes`; the channel's send and receive limit."""
 
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]})
-"""Whole requests refused with these codes are tried again: the server is away, draining or full."""
+RETRYABLE_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE.value[0],
+    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+    grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+})  # fmt: skip
+"""Whole requests refused with these codes are tried again: the server is away, draining, full, or
+too far behind to answer in time; so are images answered DEADLINE_EXCEEDED (they waited too long in its queue)."""
 
 ITEM_RETRY_CODES = frozenset({grpc.StatusCode.INTERNAL.value[0]})
 """An image that failed with these codes is sent again (`RetryPolicy.item_retries` times): the forward
@@ -49,14 +56,16 @@ class RetryPolicy:
     after `max_attempts` tries the request fails with the last error.
 
     `retry_for_s` budgets time instead of tries: a request is tried again, however
-    many times, until that many seconds have passed since its first try (what a
-    long job wants, so that a server restarting for a few seconds fails nothing).
-    With it, a client's `timeout` bounds each try rather than the whole request.
+    many times, until that many seconds have passed (what a long job wants, so
+    that a server restarting for a few seconds fails nothing). In a job, both
+    budgets count from the job's last answer: while the server answers some of
+    its requests, the others wait their turn.
 
     `item_retries`: how many more times an image that failed with INTERNAL (its
     batch's forward pass failed) is sent. `on_retry` is called before each
     pause of a refused request (from the client's own thread), so a caller can
-    say what it is waiting for.
+    say what it is waiting for; `on_window` with `(size, most)` when the number
+    of requests a job keeps in flight changes (client/window.py).
     """
 
     max_attempts: int = 8
@@ -66,6 +75,7 @@ class RetryPolicy:
     retry_for_s: float | None = None
     item_retries: int = 2
     on_retry: Callable[[Retrying], None] | None = field(default=None, compare=False, repr=False)
+    on_window: WindowListener | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

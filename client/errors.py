@@ -97,3 +97,29 @@ class EmbedItemsError(EmbedClientError):
         shown = "; ".join(f"#{r.index} {r.id!r}: {r.error}" for r in self.failures[:5])
         more = f"; and {len(self.failures) - 5} more" if len(self.failures) > 5 else ""
         super().__init__(f"{len(self.failures)} of {len(results)} image(s) failed: {shown}{more}")
+
+
+class UsageError(ValueError):
+    """The job cannot start as asked (exit status 2)."""
+
+
+_FIXES: dict[int, str] = {
+    grpc.StatusCode.UNAUTHENTICATED.value[0]: "give the server's API key (--api-key)",
+    grpc.StatusCode.PERMISSION_DENIED.value[0]: "give the server's API key (--api-key)",
+    grpc.StatusCode.INVALID_ARGUMENT.value[0]: "change what the message names first",
+    grpc.StatusCode.DEADLINE_EXCEEDED.value[0]: "raise --timeout (the server answered nothing within it)",
+    grpc.StatusCode.UNIMPLEMENTED.value[0]: "point --server at a DINOv2 embedding server",
+    grpc.StatusCode.FAILED_PRECONDITION.value[0]: "change what the message names first",
+    grpc.StatusCode.OUT_OF_RANGE.value[0]: "change what the message names first",
+}
+
+
+def fix_before_rerun(exc: BaseException) -> str | None:
+    """What must change before the same job, run again, gets further; None when running it again can
+    (the server was away or busy, or failed on its side)."""
+    code = getattr(exc, "code", None)
+    if not isinstance(code, int):
+        return "change what the message names first"
+    if "larger than max" in str(exc):  # a request over the server's message limit: it would be again
+        return "send smaller requests (a lower --batch-size)"
+    return _FIXES.get(code)

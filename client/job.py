@@ -27,7 +27,7 @@ import numpy as np
 from client import manifest as manifests
 from client.backends import Backend
 from client.consolidate import consolidate, failures_path, write_failures
-from client.errors import EmbedClientError, ItemError, ItemResult
+from client.errors import EmbedClientError, ItemError, ItemResult, UsageError, fix_before_rerun
 from client.manifest import Identity, Manifest, ManifestMismatch
 from client.output import JsonLinesWriter, ids_path
 from client.progress import Progress, Waiting
@@ -36,10 +36,6 @@ from client.sources import Inputs, Tally
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _INVALID_ARGUMENT = 3
-
-
-class UsageError(ValueError):
-    """The job cannot start as asked (exit status 2)."""
 
 
 class JobError(EmbedClientError):
@@ -269,9 +265,14 @@ class Job:
         outcome = self._loop(backend, listing, skip, progress, add, fail, commit, writer.due, out)
         saved = len(done) + writer.committed_rows
         if outcome is not None:
-            where = f"{saved} images are saved in {state.folder}/; run the same command again to resume"
-            self.say(f"{outcome}; {where}")
-            return EXIT_INTERRUPTED if outcome == "interrupted" else EXIT_JOB_FAILED
+            stop, fix = outcome
+            saved_in = f"{saved} images are saved in {state.folder}/"
+            if fix is None:
+                self.say(f"{stop}; {saved_in}; run the same command again to resume")
+            else:
+                self.say(f"{stop}; {saved_in}; the same command would stop the same way: {fix}, then run it "
+                         "again to resume")  # fmt: skip
+            return EXIT_INTERRUPTED if stop == "interrupted" else EXIT_JOB_FAILED
         positions = listing.positions
         if not positions:
             if not done and not state.shards():
@@ -294,8 +295,10 @@ class Job:
 
     def _loop(self, backend: Backend, listing: Listing, skip: Container[str], progress: Progress,
               add: Callable[[ItemResult], None], fail: Callable[[ItemResult], None],
-              commit: Callable[[], None], due: Callable[[], bool], out: Path | None) -> str | None:  # fmt: skip
-        """Runs the inputs through the backend; returns None when done, else why it stopped."""
+              commit: Callable[[], None], due: Callable[[], bool], out: Path | None
+              ) -> tuple[str, str | None] | None:  # fmt: skip
+        """Runs the inputs through the backend; returns None when done, else why it stopped and what
+        must change before a rerun gets further (None: nothing)."""
         counter = _Counter(self.options.inputs, skip) if progress.mode != "off" else None
         if counter is not None:
             counter.start()
@@ -320,10 +323,10 @@ class Job:
             return None
         except KeyboardInterrupt:
             commit()
-            return "interrupted"
+            return "interrupted", None
         except EmbedClientError as exc:
             commit()
-            return f"error: the job stopped: {exc}"
+            return f"error: the job stopped: {exc}", fix_before_rerun(exc)
         finally:
             if hasattr(batches, "close"):
                 batches.close()
@@ -348,8 +351,9 @@ class Job:
         progress = Progress(self.stderr, self.options.progress, self.options.log_every_s, self.waiting)
         outcome = self._loop(backend, listing, set(), progress, add, fail, writer.close, lambda: False, None)
         if outcome is not None:
-            self.say(outcome)
-            return EXIT_INTERRUPTED if outcome == "interrupted" else EXIT_JOB_FAILED
+            stop, fix = outcome
+            self.say(stop if fix is None else f"{stop}; {fix}")
+            return EXIT_INTERRUPTED if stop == "interrupted" else EXIT_JOB_FAILED
         if not listing.positions:
             return self._nothing_to_embed(listing)
         return self._summary(listing, progress, self.embedded, None)

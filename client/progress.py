@@ -3,7 +3,10 @@
 The total (for the percentage and the ETA) may come late: inputs are counted
 on the side while the job already runs, and the total is filled in when known.
 `Waiting` says at once when the service refuses requests that will be tried
-again (a server down or restarting), and how long they will be.
+again (a server down or restarting), and how long they will be; while the
+server is only busy (it refuses some requests but answers others) it says
+that the job slows down, and the progress line shows how many requests are
+in flight.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tqdm import tqdm
 
 from client.connection import Retrying
 from client.errors import code_name
+from client.sender import BUSY_CODES
 
 
 def duration(seconds: float) -> str:
@@ -44,12 +48,18 @@ class Waiting:
         self.stream = stream
         self.say: Callable[[str], None] = self.print_line
         self.since: float | None = None
+        self.window: tuple[int, int] | None = None  # (requests in flight now, most), once it changed
         self._said_at = float("-inf")
+        self._answered_at = time.monotonic()
+        self._window_said_at = float("-inf")
+        self._busy_told = False  # a busy spell was said, and its end not yet
         self._budget: float | None = None
         self._lock = threading.Lock()
 
     def __call__(self, notice: Retrying) -> None:
         now = time.monotonic()
+        if notice.code in BUSY_CODES and now - self._answered_at < self.every_s:
+            return  # busy, but answering: `window_changed` says the job slows down
         with self._lock:
             first = self.since is None
             if first:
@@ -69,8 +79,29 @@ class Waiting:
     def print_line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
+    def window_changed(self, size: int, most: int) -> None:
+        """The job keeps `size` of up to `most` requests in flight now (`RetryPolicy.on_window`)."""
+        now = time.monotonic()
+        with self._lock:
+            was_full = self.window is None or self.window[0] == self.window[1]
+            self.window = (size, most)
+            if size < most:
+                if not was_full or now - self._window_said_at < self.every_s:
+                    return
+                self._window_said_at, self._busy_told = now, True
+            elif not self._busy_told:
+                return
+            else:
+                self._busy_told = False
+        if size < most:
+            self.say(f"{self.where} is busy: sending {size} of up to {most} requests at once; "
+                     "the job slows down and goes on")  # fmt: skip
+        else:
+            self.say(f"{self.where} keeps up again: {most} requests at once")
+
     def answered(self) -> None:
         """Results came in: a wait, if there was one, is over."""
+        self._answered_at = time.monotonic()
         if self.since is None:
             return
         with self._lock:
@@ -86,9 +117,14 @@ class Waiting:
         return f"{waited:.0f} s" + (f" of up to {self._budget:g} s" if self._budget is not None else "")
 
     def status(self) -> str | None:
-        """`waiting for HOST:PORT 32 s of up to 120 s`, while a wait lasts."""
-        since = self.since
-        return None if since is None else f"waiting for {self.where} {self.status_of(time.monotonic() - since)}"
+        """`waiting for HOST:PORT 32 s of up to 120 s` while a wait lasts; `busy: 2 of 8 requests in flight`
+        while the server is busy."""
+        since, window = self.since, self.window
+        if since is not None:
+            return f"waiting for {self.where} {self.status_of(time.monotonic() - since)}"
+        if window is not None and window[0] < window[1]:
+            return f"busy: {window[0]} of {window[1]} requests in flight"
+        return None
 
 
 class Progress:
@@ -128,8 +164,10 @@ class Progress:
         self.failed += failed
         if self._bar is not None:
             self._bar.update(done)
-            if failed:
-                self._bar.set_postfix(failed=self.failed, refresh=False)
+            status = self.waiting.status() if self.waiting is not None else None
+            if failed or status or self._bar.postfix:
+                shown = [f"failed={self.failed}"] if self.failed else []
+                self._bar.set_postfix_str(", ".join(shown + ([status] if status else [])), refresh=False)
         elif self.mode == "log":
             now = time.monotonic()
             if now - self._last_line >= self.every_s:

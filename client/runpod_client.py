@@ -6,7 +6,8 @@ Each request is one `/runsync` job (`POST {base_url}/v2/{endpoint_id}/runsync`,
 `/v2/{endpoint_id}/status/{job_id}`. Without an endpoint id, `base_url` itself
 serves `/runsync`, as the local test server `python runpod_handler.py
 --rp_serve_api` does. Requests stay under RunPod's payload cap (20 MB for
-/runsync) by splitting on encoded size; up to `window` jobs run at once.
+/runsync) by splitting on encoded size; up to `window` jobs run at once,
+fewer while the endpoint answers RESOURCE_EXHAUSTED (client/window.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -26,6 +28,8 @@ from client.async_client import POOLINGS, stack
 from client.connection import ITEM_RETRY_CODES, RetryPolicy
 from client.errors import EmbedClientError, ItemError, ItemResult
 from client.images import Item, encode_many, take
+from client.sender import BUSY_CODES, Budget
+from client.window import AdaptiveWindow, ThreadGate
 
 DEFAULT_BASE_URL = "https://api.runpod.ai"
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # base64 text per job; RunPod caps /runsync bodies at 20 MB
@@ -141,19 +145,24 @@ class RunPodClient:
             raise _job_error(job_id, "FAILED", output["error"])
         return output
 
-    def _run_retrying(self, job_input: dict[str, Any]) -> Any:
-        """`run`, tried again with backoff while the worker answers UNAVAILABLE or RESOURCE_EXHAUSTED."""
-        attempt = 0
-        started = time.monotonic()
+    def _run_retrying(self, job_input: dict[str, Any], gate: ThreadGate, priority: int) -> Any:
+        """`run` in a slot of the window, tried again with backoff while the worker answers UNAVAILABLE
+        or RESOURCE_EXHAUSTED, until the retry budget (counted from the last answer) runs out."""
+        budget = Budget(self.retry, gate.window)
         while True:
-            try:
-                return self.run(job_input)
-            except RunPodError as exc:
-                if not self.retry.should_retry(exc.code, exc.detail, attempt, time.monotonic() - started):
-                    raise
-                pause = self.retry.pause(exc.code, exc.detail, attempt, started)
-            time.sleep(pause)
-            attempt += 1
+            with gate.slot(priority) as sent_at:
+                try:
+                    output = self.run(job_input)
+                except RunPodError as exc:
+                    error = exc
+                    if exc.code in BUSY_CODES:
+                        gate.busy(sent_at)
+                else:
+                    gate.answered()
+                    return output
+            if not budget.allows(error.code, error.detail):
+                raise error
+            time.sleep(budget.pause(error.code, error.detail))
 
     def embed(self, images: Iterable[Any], *, ids: Sequence[str] | None = None, pooling: str = "cls",
               normalize: bool = False) -> np.ndarray:  # fmt: skip
@@ -177,6 +186,7 @@ class RunPodClient:
         iterator = iter(images)
         start = 0
         pending: deque[Future[list[ItemResult]]] = deque()
+        gate = ThreadGate(AdaptiveWindow(self.window, self.retry.on_window))
         with ThreadPoolExecutor(self.window, thread_name_prefix="runpod") as pool:
             try:
                 while True:
@@ -186,7 +196,8 @@ class RunPodClient:
                             break
                         start += len(items)
                         for job in self._split(items):
-                            pending.append(pool.submit(self._embed_job, job, pooling, normalize))
+                            send = _Send(gate, job[0].index, pooling, normalize)
+                            pending.append(pool.submit(self._embed_job, job, send))
                     if not pending:
                         return
                     yield pending.popleft().result()
@@ -207,7 +218,7 @@ class RunPodClient:
         if current:
             yield current
 
-    def _embed_job(self, items: list[Item], pooling: str, normalize: bool) -> list[ItemResult]:
+    def _embed_job(self, items: list[Item], send: _Send) -> list[ItemResult]:
         """One job for the items that have bytes; client-side failures keep their error.
 
         Images whose batch's forward pass failed (INTERNAL) go again in a new
@@ -218,32 +229,42 @@ class RunPodClient:
         for attempt in range(1 + self.retry.item_retries):
             if attempt:
                 time.sleep(self.retry.backoff(attempt - 1))
-            answers.update((r.index, r) for r in self._embed_sendable(sendable, pooling, normalize))
+            answers.update((r.index, r) for r in self._embed_sendable(sendable, send))
             sendable = [item for item in sendable if _retryable(answers[item.index])]
             if not sendable:
                 break
         return [answers.get(item.index) or ItemResult(item.index, item.id, error=item.error) for item in items]
 
-    def _embed_sendable(self, items: list[Item], pooling: str, normalize: bool) -> list[ItemResult]:
+    def _embed_sendable(self, items: list[Item], send: _Send) -> list[ItemResult]:
         if not items:
             return []
         job = {"images": [base64.b64encode(item.data).decode("ascii") for item in items],
-               "pooling": pooling, "normalize": normalize}  # fmt: skip
+               "pooling": send.pooling, "normalize": send.normalize}  # fmt: skip
         try:
-            output = self._run_retrying(job)
+            output = self._run_retrying(job, send.gate, send.priority)
         except RunPodError as exc:
             # The handler fails a job whose every image failed, naming at most a few: one job per
             # image then says exactly why each failed (a lone image's job fails with its reason).
             if exc.code != _INVALID_ARGUMENT:
                 raise
             if len(items) > 1:
-                return [r for item in items for r in self._embed_sendable([item], pooling, normalize)]
+                return [r for item in items for r in self._embed_sendable([item], send)]
             reason = exc.detail.split("images[0]: ", 1)[-1]
             name, colon, rest = reason.partition(": ")
             code, message = (_CODES[name], rest) if colon and name in _CODES else (exc.code, reason)
             return [ItemResult(items[0].index, items[0].id, error=ItemError(code, message))]
         parsed = parse_output(output, len(items))
         return [ItemResult(item.index, item.id, r.embedding, r.error) for item, r in zip(items, parsed, strict=True)]
+
+
+@dataclass(frozen=True)
+class _Send:
+    """How one request's jobs go: the window's gate, the request's place (earlier first), the options."""
+
+    gate: ThreadGate
+    priority: int
+    pooling: str
+    normalize: bool
 
 
 def _retryable(result: ItemResult) -> bool:

@@ -6,6 +6,12 @@ and its reader task resolves them one response at a time. When a stream
 breaks (server stopped, connection refused), every request waiting on it fails
 with the stream's status, so the caller can retry those requests elsewhere; the
 lane opens a fresh stream for the next request.
+
+The server answers each request within its own `timeout_ms` of receiving it.
+So the oldest request waiting on a stream must be answered within that much
+(and a margin for the wire) of becoming the oldest; when it is not, the
+server is stuck, and the stream is ended DEADLINE_EXCEEDED. A request is never
+timed while it waits behind the job's own earlier requests.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 _CORE_INTERNAL = "Internal error from Core"
 
 
@@ -44,12 +51,16 @@ def _broken_from(exc: BaseException) -> StreamBroken:
 class _Stream:
     """One EmbedStream call and the requests written to it that still wait for an answer."""
 
-    def __init__(self, stub: embed_pb2_grpc.EmbedStub, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(
+        self, stub: embed_pb2_grpc.EmbedStub, metadata: Sequence[tuple[str, str]], answer_within: float | None
+    ) -> None:
         self._stub = stub
         self._metadata = tuple(metadata)
         self.call = stub.EmbedStream(metadata=self._metadata)
         self.waiting: deque[asyncio.Future[embed_pb2.EmbedResponse]] = deque()
         self.broken: StreamBroken | None = None
+        self._answer_within = answer_within
+        self._overdue: asyncio.TimerHandle | None = None
         self._write_lock = asyncio.Lock()
         self._reader = asyncio.ensure_future(self._read())
 
@@ -61,6 +72,8 @@ class _Stream:
                 future.set_exception(self.broken)
                 return future
             self.waiting.append(future)
+            if len(self.waiting) == 1:
+                self._time_oldest()
             try:
                 await self.call.write(request)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
@@ -79,7 +92,8 @@ class _Stream:
                 if not self.waiting:
                     raise StreamBroken(_UNAVAILABLE, "server sent a response nobody asked for")
                 future = self.waiting.popleft()
-                if not future.done():  # a request that timed out has no one waiting
+                self._time_oldest()
+                if not future.done():  # a request whose caller left has no one waiting
                     future.set_result(response)
             self._fail(StreamBroken(_UNAVAILABLE, "stream ended before every request was answered"))
         except asyncio.CancelledError:
@@ -103,7 +117,23 @@ class _Stream:
             return _broken_from(probe)
         return StreamBroken(_UNAVAILABLE, "stream ended abnormally (status lost, grpc/grpc#36066)")
 
+    def _time_oldest(self) -> None:
+        """(Re)starts the clock of the oldest request waiting, if any."""
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
+        if self.waiting and self._answer_within is not None:
+            self._overdue = asyncio.get_running_loop().call_later(self._answer_within, self._stuck)
+
+    def _stuck(self) -> None:
+        """The oldest request was not answered in time: the server is stuck; end the stream."""
+        self._fail(StreamBroken(_DEADLINE_EXCEEDED, f"no answer within {self._answer_within:g} s"))
+        self.call.cancel()
+
     def _fail(self, error: StreamBroken) -> None:
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         if self.broken is None:
             self.broken = error
         while self.waiting:
@@ -128,9 +158,12 @@ class _Stream:
 class Lane:
     """A channel's slot in a job: at most one live stream, reopened after it breaks."""
 
-    def __init__(self, channel: grpc.aio.Channel, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, metadata: Sequence[tuple[str, str]], answer_within: float | None = None
+    ) -> None:
         self._stub = embed_pb2_grpc.EmbedStub(channel)
         self._metadata = metadata
+        self._answer_within = answer_within
         self._stream: _Stream | None = None
         self.down_until = 0.0
         self.failures = 0
@@ -139,7 +172,7 @@ class Lane:
         if self._stream is None or self._stream.broken is not None:
             if self._stream is not None:
                 await self._stream.close()
-            self._stream = _Stream(self._stub, self._metadata)
+            self._stream = _Stream(self._stub, self._metadata, self._answer_within)
         return await self._stream.send(request)
 
     def failed(self, retry: RetryPolicy) -> None:
@@ -159,10 +192,18 @@ class Lane:
 
 
 class Lanes:
-    """Round-robin over a job's lanes, skipping lanes marked down while others are up."""
+    """Round-robin over a job's lanes, skipping lanes marked down while others are up.
 
-    def __init__(self, channels: Sequence[grpc.aio.Channel], metadata: Sequence[tuple[str, str]]) -> None:
-        self._lanes = [Lane(channel, metadata) for channel in channels]
+    `answer_within`: seconds the oldest request of a stream may wait for its answer (None: forever).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[grpc.aio.Channel],
+        metadata: Sequence[tuple[str, str]],
+        answer_within: float | None = None,
+    ) -> None:
+        self._lanes = [Lane(channel, metadata, answer_within) for channel in channels]
         self._next = 0
 
     def pick(self, avoid: Lane | None = None) -> Lane:

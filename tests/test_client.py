@@ -281,16 +281,21 @@ def test_a_refused_request_is_not_retried(make_server: Any) -> None:
     assert "over the limit" in info.value.message and len(info.value.ids) == 8
 
 
-def test_timeout_bounds_each_request(make_server: Any, runner: Any) -> None:
+def test_timeout_bounds_each_try_at_the_server(make_server: Any, runner: Any) -> None:
+    """The timeout travels with the request: the server answers at it, while the forward pass still runs."""
     controlled = ControlledRunner(runner)
     slow = make_server(runner_=controlled)
-    controlled.delay_s = 2.0  # each forward pass from now on: far longer than the timeout
-    with EmbedClient(slow.address, timeout=0.3) as client:
-        started = time.monotonic()
-        with pytest.raises(EmbedRequestError) as info:
-            client.embed(pictures(1))
-    assert info.value.code_name == "DEADLINE_EXCEEDED"
-    assert time.monotonic() - started < 3
+    seen = controlled.images_seen  # the start's warm-up passes
+    controlled.allow(0)  # every forward pass from now on waits in the model
+    try:
+        with EmbedClient(slow.address, timeout=0.3, retry=RetryPolicy(max_attempts=1)) as client:
+            with pytest.raises(EmbedRequestError) as info:
+                client.embed(pictures(1))
+            held = controlled.images_seen == seen
+    finally:
+        controlled.allow(float("inf"))
+    assert info.value.code_name == "DEADLINE_EXCEEDED" and held
+    assert "deadline passed" in info.value.message
 
 
 def test_requests_stay_under_the_message_limit(client: EmbedClient, server: RunningServer) -> None:

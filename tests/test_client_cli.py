@@ -21,9 +21,10 @@ import pytest
 from client import EmbedClient
 from client.cli import main
 from client.runpod_client import RunPodClient
+from server.config import Settings
 from server.model import Pooling
 from tests import images
-from tests.conftest import Reference, RunningServer, assert_close
+from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close, wait_for
 from tests.runpod_api import LocalRunPodApi
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -372,3 +373,70 @@ def test_embed_with_a_runpod_base_url_is_resumable_and_equals_grpc(
     with EmbedClient(server.address) as grpc_client:
         expected = grpc_client.embed([folder / i for i in ids])
     assert_close(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), expected, "runpod job")
+
+
+def test_a_slow_server_slows_the_job_down_and_every_image_is_embedded(
+    make_server, runner, big_folder: tuple[Path, dict[str, bytes]], expected: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """Every flag at its default against a server that cannot take the job's whole window in time."""
+    controlled = ControlledRunner(runner)
+    controlled.delay_s = 0.05  # per forward pass of up to 16: a window of 8 x 32 images is 0.8 s of work
+    slow = make_server(controlled, max_batch_size=16, max_queue_s=0.3)
+    out = tmp_path / "o.npy"
+    code, _, stderr = run("embed", str(big_folder[0]), "--server", slow.address, "-o", str(out))
+    assert code == 0, stderr
+    ids = (tmp_path / "o.ids.txt").read_text().splitlines()
+    assert_rows(np.load(out), ids, expected)
+    assert len(ids) == 200
+    assert slow.metrics.value("dinov2_refused_requests_total", {"reason": "queue_time"}) > 0  # it was too busy
+    assert f"server {slow.address} is busy: sending " in stderr, stderr
+    assert slow.metrics.value("dinov2_images_total", {"outcome": "DeadlineExceeded"}) == 0
+
+
+def test_a_batch_size_over_the_servers_limit_is_a_usage_error_before_any_work(
+    server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    out = tmp_path / "o.npy"
+    code, _, stderr = run("embed", str(small_folder[0]), "--server", server.address, "--batch-size", "1000",
+                          "-o", str(out))  # fmt: skip
+    assert code == 2, stderr
+    assert stderr.strip() == ("error: --batch-size 1000 is over the server's limit of 256 images per request: "
+                              "give --batch-size 256 or less")  # fmt: skip
+    assert not out.exists() and not list(tmp_path.glob("o.npy.parts/*.npy"))
+
+
+def test_a_job_stopped_by_a_refusal_a_rerun_cannot_fix_says_what_to_change(
+    make_server, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    strict = make_server(max_request_bytes=2000)  # smaller than one request of these images
+    out = tmp_path / "o.npy"
+    code, _, stderr = run("embed", str(small_folder[0]), "--server", strict.address, "-o", str(out))
+    last = stderr.strip().splitlines()[-1]
+    assert code == 3, stderr
+    assert "RESOURCE_EXHAUSTED" in last and "run the same command again to resume" not in last, last
+    assert last.endswith("the same command would stop the same way: send smaller requests (a lower --batch-size), "
+                         "then run it again to resume"), last  # fmt: skip
+
+
+def test_a_job_stopped_while_the_server_was_away_says_to_run_it_again(
+    settings: Settings, runner, big_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    controlled = ControlledRunner(runner)
+    going = RunningServer(settings, controlled)  # stopped by the test itself
+    controlled.allow(controlled.images_seen + 96)  # more than the job's whole first window, then it holds the rest
+    out = tmp_path / "o.npy"
+    outcome: list[tuple[int, str, str]] = []
+    job = threading.Thread(target=lambda: outcome.append(
+        run("embed", str(big_folder[0]), "--server", going.address, "--batch-size", "8", "--retry-for", "1",
+            "-o", str(out))))  # fmt: skip
+    job.start()
+    try:
+        wait_for(lambda: going.metrics.value("dinov2_images_total", {"outcome": "ok"}) >= 8)
+        going.stop(grace=0.0)
+    finally:
+        controlled.allow(float("inf"))
+    job.join(timeout=120)
+    code, _, stderr = outcome[0]
+    last = stderr.strip().splitlines()[-1]
+    assert code == 3 and "the job stopped" in last and "UNAVAILABLE" in last, stderr
+    assert re.search(r"; \d+ images are saved in .*; run the same command again to resume$", last), last
