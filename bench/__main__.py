@@ -3,6 +3,7 @@
     python -m bench --size small --dtype bfloat16 --json out.json
     python -m bench --smoke --json smoke.json      # seconds, tiny model (CI)
     python -m bench --host-path                    # the host path alone: null model, decode vs server
+    python -m bench --overload --size base --dtype float32   # backpressure: bulk client, bursts, idle streams
 
 Raw, service and seed-style are measured in alternating rounds while the
 server is up, and each path's best round is reported: on a shared machine a
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import ablation, driver, flops, host_path, machine, paths, report
+from bench import ablation, driver, flops, host_path, machine, overload, paths, report
 from bench.images import gray_jpegs
 from bench.server_proc import ServerProcess, server_breakdown
 from server.config import Settings
@@ -77,6 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--null-threads", type=int, default=1,
                    help="--host-path: the server's OMP_NUM_THREADS (0 = PyTorch's default)")  # fmt: skip
     p.add_argument("--server-seconds", type=float, default=10.0, help="--host-path: server seconds per round")
+    p.add_argument("--overload", action="store_true",
+                   help="only backpressure: the bulk client, a burst of calls and idle streams on --size")  # fmt: skip
+    p.add_argument("--photos", type=int, default=300, help="--overload: JPEGs the bulk client embeds")
+    p.add_argument("--burst-calls", type=int, default=120, help="--overload: concurrent 32-image Embed calls")
+    p.add_argument("--idle-streams", type=int, default=3000, help="--overload: idle streams of one caller")
+    p.add_argument("--busy-loops", type=int, default=0, help="--overload: busy-loop processes beside it")
+    p.add_argument("--settle-s", type=float, default=20.0, help="--overload: idle seconds before RSS after")
     args = p.parse_args(argv)
     args.request_images = args.request_images or (32 if args.host_path else 8)
     args.rounds = args.rounds or 3
@@ -239,8 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = host_path.run(args, str(build_model_dir(Path(tmp) / "null", "null")))
         else:
             model_dir = args.model or str(build_model_dir(Path(tmp) / args.size, args.size))
-            result = run(args, model_dir)
-    print(host_path.table(result) if args.host_path else report.table(result))
+            result = overload.run(args, model_dir) if args.overload else run(args, model_dir)
+    table = host_path.table if args.host_path else overload.table if args.overload else report.table
+    print(table(result))
     if args.json:
         report.write_json(result, args.json)
     return result
