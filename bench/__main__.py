@@ -36,6 +36,7 @@ SMOKE = {
     "window": 4, "seed_images": 4, "unary_calls": 5, "distinct_images": 8, "matmul_seconds": 0.1,
     "ablate_seconds": 0.3, "rounds": 1,
 }  # fmt: skip
+OVERLOAD_SMOKE = {"size": "tiny", "photos": 40, "burst_calls": 20, "idle_streams": 400, "settle_s": 1.0}
 HOST_SMOKE = {
     "distinct_images": 8, "request_images": 4, "window": 4, "rounds": 1, "decode_seconds": 0.2,
     "server_seconds": 0.3,
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.request_images = args.request_images or (32 if args.host_path else 8)
     args.rounds = args.rounds or 3
     if args.smoke:
-        for key, value in (HOST_SMOKE if args.host_path else SMOKE).items():
+        for key, value in (HOST_SMOKE if args.host_path else OVERLOAD_SMOKE if args.overload else SMOKE).items():
             setattr(args, key, value)
     args.seed_images = min(args.seed_images, args.distinct_images)
     return args

@@ -180,6 +180,10 @@ def _measure(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     return result
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
 def table(result: dict[str, Any]) -> str:
     bulk_, burst_, idle = result["bulk"], result["burst"], result["idle_streams"]
     config = result["config"]
@@ -190,8 +194,8 @@ def table(result: dict[str, Any]) -> str:
         f"{bulk_['seconds']:.0f} s",
         *(f"    {line}" for line in bulk_["said"] + bulk_["last"]),
         f"burst of unary calls (32 images, 60 s deadline): {burst_['outcomes']}; refusals answered in "
-        f"{burst_['refusal_median_s']} s median, {burst_['refusal_max_s']} s max; slowest answer "
-        f"{burst_['answered_max_s']} s",
+        f"{_seconds(burst_['refusal_median_s'])} median, {_seconds(burst_['refusal_max_s'])} max; slowest answer "
+        f"{_seconds(burst_['answered_max_s'])}",
         f"{idle['streams']} idle streams from one caller: {idle['refused']} refused, {idle['open']} open; another "
         f"caller's Embed {idle['other_embed']} in {idle['other_embed_s']:.2f} s; health {idle['health']}, slowest "
         f"{idle['health_max_s']:.3f} s",

@@ -216,15 +216,16 @@ class AsyncEmbedClient:
         in_flight: deque[asyncio.Task[list[ItemResult]]] = deque()
         requests = self._requests(images, batch_size).__aiter__()
         exhausted = False
+        place = itertools.count()  # each request's place in the job: earlier ones take free slots first
         try:
-            for order in itertools.count():
+            while True:
                 while not exhausted and len(in_flight) < window:
                     try:
                         items = await requests.__anext__()
                     except StopAsyncIteration:
                         exhausted = True
                         break
-                    in_flight.append(asyncio.ensure_future(sender.run(order, items)))
+                    in_flight.append(asyncio.ensure_future(sender.run(next(place), items)))
                 if not in_flight:
                     return
                 yield await in_flight.popleft()

@@ -16,7 +16,6 @@ stdout as they come, and nothing is kept for a resume.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from client.manifest import Identity, Manifest, ManifestMismatch
 from client.output import JsonLinesWriter, ids_path
 from client.progress import Progress, Waiting
 from client.shards import JobLocked, JobState, ShardWriter, parts_folder
-from client.sources import Inputs, Tally
+from client.sources import InputCounter, Inputs, Tally
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _INVALID_ARGUMENT = 3
@@ -91,37 +90,6 @@ class _Skip:
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self.done or (self.failed is not None and image_id in self.failed)
-
-
-class _Counter(threading.Thread):
-    """Counts on the side the images this run will embed, for the progress total and ETA (best effort)."""
-
-    def __init__(self, inputs: Inputs, skip: Container[str]) -> None:
-        super().__init__(name="count-inputs", daemon=True)
-        self.inputs, self.skip = inputs, skip
-        self.total: int | None = None
-        self.stopped = False
-
-    def run(self) -> None:
-        count = 0
-
-        def select(image_id: str) -> bool:
-            nonlocal count
-            if self.stopped:
-                raise _Stop
-            count += image_id not in self.skip
-            return False
-
-        try:
-            for _ in self.inputs.sources(select, Tally()):
-                pass
-        except Exception:  # stopped, or an input changed under us: no total then
-            return
-        self.total = count
-
-
-class _Stop(Exception):
-    pass
 
 
 def _pairs(inputs: Inputs, listing: Listing, line_ids_only: bool) -> Iterator[tuple[str, Any]]:
@@ -299,7 +267,7 @@ class Job:
               ) -> tuple[str, str | None] | None:  # fmt: skip
         """Runs the inputs through the backend; returns None when done, else why it stopped and what
         must change before a rerun gets further (None: nothing)."""
-        counter = _Counter(self.options.inputs, skip) if progress.mode != "off" else None
+        counter = InputCounter(self.options.inputs, skip) if progress.mode != "off" else None
         if counter is not None:
             counter.start()
         pairs = _pairs(self.options.inputs, listing, out is not None and out.suffix.lower() == ".npy")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import glob
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,3 +204,34 @@ def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | Item
         return data.read() if data is not None else ItemError(_INVALID_ARGUMENT, "archive member is not a file")
     except (OSError, tarfile.TarError, EOFError) as exc:
         return ItemError(_INVALID_ARGUMENT, f"cannot read archive member: {exc}")
+
+
+class InputCounter(threading.Thread):
+    """Counts on the side the images this run will embed, for the progress total and ETA (best effort)."""
+
+    def __init__(self, inputs: Inputs, skip: Container[str]) -> None:
+        super().__init__(name="count-inputs", daemon=True)
+        self.inputs, self.skip = inputs, skip
+        self.total: int | None = None
+        self.stopped = False
+
+    def run(self) -> None:
+        count = 0
+
+        def select(image_id: str) -> bool:
+            nonlocal count
+            if self.stopped:
+                raise _Stopped
+            count += image_id not in self.skip
+            return False
+
+        try:
+            for _ in self.inputs.sources(select, Tally()):
+                pass
+        except Exception:  # stopped, or an input changed under us: no total then
+            return
+        self.total = count
+
+
+class _Stopped(Exception):
+    pass

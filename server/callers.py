@@ -18,9 +18,7 @@ from typing import Any
 
 import grpc
 
-from server.interceptors import HandlerFn, rewrap, write_out
-
-_UNCOUNTED_PREFIXES = ("/grpc.health.v1.Health/",)
+from server.interceptors import HEALTH_METHODS, HandlerFn, rewrap, write_out
 
 
 def caller_of(peer: str) -> str:
@@ -88,7 +86,7 @@ class CallLimitInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(_UNCOUNTED_PREFIXES):
+        if handler is None or details.method.startswith(HEALTH_METHODS):
             return handler
         limits = self._limits
 

@@ -23,8 +23,8 @@ from server.logs import REQUEST_ID
 
 HandlerFn = Callable[..., Any]
 
-# Health stays open so load balancers and kubelets can probe without the key.
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+HEALTH_METHODS = ("/grpc.health.v1.Health/",)
+"""Open to every caller: load balancers and kubelets probe without the key, and are never refused."""
 _REQUEST_ID_KEY = "x-request-id"
 
 
@@ -136,7 +136,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(_OPEN_PREFIXES):
+        if handler is None or details.method.startswith(HEALTH_METHODS):
             return handler
         given = [str(value).encode() for key, value in details.invocation_metadata or () if key == "authorization"]
         if len(given) == 1 and hmac.compare_digest(given[0], self._expected):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.__main__ import main
 from bench.host_path import CPU_PARTS
+from tests.conftest import ipv6_loopback
 
 
 def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
@@ -63,3 +66,18 @@ def test_host_path_smoke_prints_both_efficiencies(tmp_path: Path, capsys) -> Non
         assert f"{sum(cpu.values()):.3f}" in printed.split(name)[2].splitlines()[0]
         assert r["mean_batch"] is not None and 1 <= r["mean_batch"] <= result["config"]["max_batch_size"], name
     assert {"load_average_start", "load_average_end", "cpu"} <= result["machine"].keys()
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="the idle-streams part needs IPv6 loopback (::1) for a second caller")
+def test_overload_smoke_runs_every_part(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "overload.json"
+    main(["--overload", "--smoke", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["bulk"]["exit"] == 0 and result["bulk"]["rows"] == 40
+    burst = result["burst"]["outcomes"]
+    assert set(burst) <= {"OK", "RESOURCE_EXHAUSTED"} and sum(burst.values()) == 20  # none accepted, then expired
+    idle = result["idle_streams"]
+    assert idle["open"] == 256 and idle["refused"] == {"RESOURCE_EXHAUSTED": 400 - 256}
+    assert idle["other_embed"] == "OK" and idle["health"] == {"SERVING": 45}
+    assert result["peak_rss_mb"] > 0 and result["rss_after_mb"] > 0
+    assert "bulk client, default flags, 40 JPEGs: exit 0, 40 rows" in capsys.readouterr().out
