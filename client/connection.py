@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from client.errors import over_message_limit
 from client.window import WindowListener
 
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
@@ -29,6 +30,9 @@ RETRYABLE_CODES = frozenset({
 })  # fmt: skip
 """Whole requests refused with these codes are tried again: the server is away, draining, full, or
 too far behind to answer in time; so are images answered DEADLINE_EXCEEDED (they waited too long in its queue)."""
+
+BUSY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.DEADLINE_EXCEEDED.value[0]})
+"""Refusals and answers that say the server has more work than it can do in time: a job's window shrinks."""
 
 ITEM_RETRY_CODES = frozenset({grpc.StatusCode.INTERNAL.value[0]})
 """An image that failed with these codes is sent again (`RetryPolicy.item_retries` times): the forward
@@ -108,7 +112,7 @@ class RetryPolicy:
         """Retry overload and unavailability, but not a message over the size limit (it would fail again)."""
         if not self.may_try_again(attempt, elapsed_s) or code not in RETRYABLE_CODES:
             return False
-        return "larger than max" not in message
+        return not over_message_limit(message)
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)

@@ -99,6 +99,12 @@ class EmbedItemsError(EmbedClientError):
         super().__init__(f"{len(self.failures)} of {len(results)} image(s) failed: {shown}{more}")
 
 
+def over_message_limit(message: str) -> bool:
+    """Whether gRPC refused a message for its size (`Received message larger than max`): the same
+    request would be refused again."""
+    return "larger than max" in message
+
+
 class UsageError(ValueError):
     """The job cannot start as asked (exit status 2)."""
 
@@ -120,6 +126,6 @@ def fix_before_rerun(exc: BaseException) -> str | None:
     code = getattr(exc, "code", None)
     if not isinstance(code, int):
         return "change what the message names first"
-    if "larger than max" in str(exc):  # a request over the server's message limit: it would be again
+    if over_message_limit(str(exc)):  # it would be again
         return "send smaller requests (a lower --batch-size)"
     return _FIXES.get(code)

@@ -19,9 +19,8 @@ from typing import IO
 
 from tqdm import tqdm
 
-from client.connection import Retrying
+from client.connection import BUSY_CODES, Retrying
 from client.errors import code_name
-from client.sender import BUSY_CODES
 
 
 def duration(seconds: float) -> str:

@@ -25,10 +25,10 @@ import numpy as np
 import requests
 
 from client.async_client import POOLINGS, stack
-from client.connection import ITEM_RETRY_CODES, RetryPolicy
+from client.connection import BUSY_CODES, ITEM_RETRY_CODES, RetryPolicy
 from client.errors import EmbedClientError, ItemError, ItemResult
 from client.images import Item, encode_many, take
-from client.sender import BUSY_CODES, Budget
+from client.sender import Budget
 from client.window import AdaptiveWindow, ThreadGate
 
 DEFAULT_BASE_URL = "https://api.runpod.ai"

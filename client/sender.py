@@ -22,7 +22,7 @@ import time
 import grpc
 import numpy as np
 
-from client.connection import ITEM_RETRY_CODES, RetryPolicy
+from client.connection import BUSY_CODES, ITEM_RETRY_CODES, RetryPolicy
 from client.errors import EmbedRequestError, ItemError, ItemResult
 from client.images import Item
 from client.streams import Lanes, StreamBroken
@@ -31,8 +31,6 @@ from protos.dinov2.v1 import embed_pb2
 
 _DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
-BUSY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], _DEADLINE_EXCEEDED})
-"""Refusals and answers that say the server has more work than it can do in time: the window shrinks."""
 
 
 class Budget:
