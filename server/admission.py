@@ -2,9 +2,9 @@
 
 Work costs images (queue slots), encoded bytes (memory held until the answer)
 and time. A request is refused when it would pass the bound on images or
-bytes in flight, when the work already accepted would take longer than
-`max_queue_s` at the engine's measured speed, or when it would be answered
-after its deadline (server/throughput.py estimates both). A request with
+bytes in flight, when it would wait longer than `max_queue_s` behind the work
+already accepted, at the engine's measured speed, or when it would be
+answered after its deadline (server/throughput.py estimates both). A request with
 nothing ahead of it is never refused for time: waiting is not what would
 make it late. Callers that can retry elsewhere (gRPC) are refused at once,
 with the estimated wait; callers that have nowhere better to go (a RunPod job
@@ -78,19 +78,18 @@ class Admission:
         self._take(cost)
 
     def _check_time(self, cost: Cost, deadline: float | None) -> None:
-        ahead = self.clock(self.images, 0)
-        if ahead is not None and ahead.seconds > self.max_queue_s:
+        total = self.clock(self.images, cost.images)
+        if total is None:
+            return
+        if total.wait > self.max_queue_s:
             raise Overloaded(
-                f"server is busy: about {_seconds(ahead.seconds)} s of work is queued ({ahead.images} images at "
-                f"about {ahead.rate:.3g} images/s), over its bound of {self.max_queue_s:g} s; "
-                "retry with backoff or on another server",
+                f"server is busy: this request would wait about {_seconds(total.wait)} s behind the work ahead of "
+                f"it ({self.images} images, at about {total.rate:.3g} images/s), over its bound of "
+                f"{self.max_queue_s:g} s; retry with backoff or on another server",
                 reason="queue_time",
             )
-        if deadline is None:
-            return
-        total = self.clock(self.images, cost.images)
-        left = deadline - time.monotonic()
-        if total is not None and SAFETY * total.seconds > left:
+        left = float("inf") if deadline is None else deadline - time.monotonic()
+        if SAFETY * total.seconds > left:
             raise Overloaded(
                 f"server is busy: this request would be answered in about {_seconds(total.seconds)} s "
                 f"({self.images} images ahead of it, {cost.images} in it, at about {total.rate:.3g} images/s), "

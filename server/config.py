@@ -56,8 +56,8 @@ class Settings:
     max_queue_images: int = _opt(1024, "Images accepted but not yet answered; beyond it RESOURCE_EXHAUSTED.")
     max_queue_s: float = _opt(
         30.0,
-        "Seconds of work accepted and not yet answered, at the measured speed; a request arriving behind more "
-        "is refused RESOURCE_EXHAUSTED (and a RunPod job waits at most this long for room).",
+        "Longest a request may wait behind the work already accepted, at the measured speed; one that would wait "
+        "longer is refused RESOURCE_EXHAUSTED (and a RunPod job waits at most this long for room).",
     )
     max_images_per_request: int = _opt(256, "Most images in one EmbedRequest.")
     max_image_bytes: int = _opt(32 * 1024 * 1024, "Largest encoded image, in bytes.")

@@ -79,10 +79,16 @@ class DecodeTimes:
 
 @dataclass(frozen=True)
 class Estimate:
-    """How long a backlog takes: the slower of the forward passes and decoding, which overlap."""
+    """How long until a request is answered (the slower of the forward passes and decoding, which
+    overlap), and how much of that is its own work: the rest is waiting behind the work ahead."""
 
     images: int
     seconds: float
+    own_seconds: float = 0.0
+
+    @property
+    def wait(self) -> float:
+        return max(0.0, self.seconds - self.own_seconds)
 
     @property
     def rate(self) -> float:
@@ -107,7 +113,9 @@ class Throughput:
         forward pass has been measured (the service times one as it starts).
         """
         forward = self.forward.seconds_for(ahead + own, batch_limit)
-        if forward is None:
+        alone = self.forward.seconds_for(own, batch_limit)
+        if forward is None or alone is None:
             return None
         decoded_first = min(decoding, own * callers) if own else decoding
-        return Estimate(ahead + own, max(forward, self.decode.seconds_for(decoded_first + own)))
+        seconds = max(forward, self.decode.seconds_for(decoded_first + own))
+        return Estimate(ahead + own, seconds, max(alone, self.decode.seconds_for(own)))

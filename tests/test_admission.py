@@ -94,18 +94,19 @@ def clock(seconds_per_image: float) -> Any:
     """An engine clock at a fixed speed: (images ahead, images of the new request) -> estimate."""
 
     def estimate(ahead: int, own: int) -> Estimate:
-        return Estimate(ahead + own, (ahead + own) * seconds_per_image)
+        return Estimate(ahead + own, (ahead + own) * seconds_per_image, own * seconds_per_image)
 
     return estimate
 
 
-def test_a_request_behind_more_than_max_queue_s_of_work_is_refused_with_the_estimate() -> None:
+def test_a_request_that_would_wait_longer_than_max_queue_s_is_refused_with_the_estimate() -> None:
     admission = Admission(1000, 100 * MB, max_queue_s=10.0, clock=clock(0.5))
     admission.try_acquire(images(18))  # 9 s of work: under the bound
-    admission.try_acquire(images(4))  # 11 s now, but the bound is on the work ahead of a request
-    with pytest.raises(Overloaded, match=r"about 11 s of work is queued \(22 images at about 2 images/s\)") as info:
+    admission.try_acquire(images(4))  # 11 s now, but the bound is on the wait behind the work ahead
+    with pytest.raises(Overloaded, match=r"would wait about 11 s behind the work ahead of it \(22 images, at ") as info:
         admission.try_acquire(images(1))
     assert info.value.reason == "queue_time" and admission.images == 22
+    assert admission.queued_seconds() == 11.0
 
 
 def test_a_request_that_would_miss_its_deadline_is_refused_at_once_with_the_estimated_wait() -> None:

@@ -59,5 +59,6 @@ def test_a_new_caller_waits_for_its_share_of_the_decoders_not_for_everything_que
     # 64 images of one other caller still to decode: a request of one waits for one of theirs, not 64
     small = throughput.estimate(64, 1, 64, 1, 8)
     assert small is not None and small.seconds == pytest.approx((1 + 1) * 0.5 / 2)
+    assert small.own_seconds == pytest.approx(0.5 / 2) and small.wait == pytest.approx(0.25)
     # but never longer than everything queued would take
     assert throughput.estimate(2, 10, 2, 1, 8).seconds == pytest.approx((2 + 10) * 0.5 / 2)  # type: ignore[union-attr]
