@@ -95,12 +95,21 @@ class ServerProcess:
         """The SERVER_SAMPLES now (empty when the server has no metrics endpoint)."""
         if self.metrics_url is None:
             return {}
+        found = self._scrape()
+        return {name: float(found.get(name, 0.0)) for name in SERVER_SAMPLES}
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of the server's metrics now (0 when it has none yet)."""
+        assert self.metrics_url is not None, "start the server with --metrics-port 0"
+        return float(self._scrape().get(name, 0.0))
+
+    def _scrape(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
 
+        assert self.metrics_url is not None
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             text = response.read().decode()
-        found = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-        return {name: float(found.get(name, 0.0)) for name in SERVER_SAMPLES}
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

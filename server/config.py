@@ -85,6 +85,11 @@ class Settings:
         "Decode in worker processes (parallel over the CPUs; a decoder crash costs one image) or threads.",
         choices=("processes", "threads"),
     )
+    decode_timeout_s: float = _opt(
+        30.0,
+        "An image a decode worker process takes longer over fails INVALID_ARGUMENT and its process is replaced "
+        "(waiting for the pixel budget does not count; threads cannot be stopped).",
+    )
     stream_window: int = _opt(16, "Requests of one EmbedStream processed at once.")
     grace_s: float = _opt(30.0, "On SIGTERM, how long in-flight work may take to finish.")
     metrics_port: int = _opt(9090, "Prometheus metrics port (-1 disables, 0 picks a free one).")
@@ -120,9 +125,12 @@ class Settings:
             raise ValueError(
                 "max_wait_ms, backlog_wait_ms and grace_s must not be negative, probe_interval_s must be positive"
             )
-        if min(self.forward_timeout_s, self.receive_timeout_s, self.max_queue_s, self.runpod_job_timeout_s) <= 0:
+        timeouts = (self.forward_timeout_s, self.receive_timeout_s, self.max_queue_s, self.runpod_job_timeout_s,
+                    self.decode_timeout_s)  # fmt: skip
+        if min(timeouts) <= 0:
             raise ValueError(
-                "forward_timeout_s, receive_timeout_s, max_queue_s and runpod_job_timeout_s must be positive"
+                "forward_timeout_s, receive_timeout_s, max_queue_s, runpod_job_timeout_s and decode_timeout_s "
+                "must be positive"
             )
         if self.idle_trim_s < 0:
             raise ValueError(f"idle_trim_s must not be negative, not {self.idle_trim_s}")

@@ -18,7 +18,7 @@ import io
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,42 +85,6 @@ def normalization_of(processor: object) -> Normalization:
     if not processor.do_normalize:  # type: ignore[attr-defined]
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return Normalization(int(size["height"]), rescale, mean, std)  # type: ignore[arg-type]
-
-
-class PixelBudget:
-    """Full-size pixels being decoded at once, over all decode workers; `hold` waits for room.
-
-    A decoded image lives only while it is converted and resized, but at full
-    size (4 bytes a pixel for RGB): this bound, not the number of workers,
-    caps what decoding can take. An image larger than the whole budget holds
-    all of it, so it waits for an empty pool rather than forever.
-    """
-
-    def __init__(self, pixels: int) -> None:
-        self.capacity = pixels
-        self.held = 0
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        pixels = self.acquire(pixels)
-        try:
-            yield
-        finally:
-            self.release(pixels)
-
-    def acquire(self, pixels: int) -> int:
-        """Waits for room and holds it; returns what to `release` (capped at the capacity)."""
-        pixels = min(pixels, self.capacity)
-        with self._cond:
-            self._cond.wait_for(lambda: self.held + pixels <= self.capacity)
-            self.held += pixels
-        return pixels
-
-    def release(self, pixels: int) -> None:
-        with self._cond:
-            self.held -= pixels
-            self._cond.notify_all()
 
 
 _guarded_pixels = 0
@@ -210,12 +174,9 @@ def to_gray(img: Image.Image) -> Image.Image:
 
 
 class Budget(Protocol):
-    """What `decode` needs of a budget: a `PixelBudget`, or a child process's proxy of one."""
+    """What `decode` needs of a budget: `server.decode.budget.PixelBudget`, or a child process's proxy of one."""
 
     def hold(self, pixels: int) -> AbstractContextManager[None]: ...
-
-
-_UNBOUNDED = PixelBudget(2**62)
 
 
 def decode(data: bytes, limits: ImageLimits, image_size: int, budget: Budget | None = None) -> np.ndarray:
@@ -225,7 +186,7 @@ def decode(data: bytes, limits: ImageLimits, image_size: int, budget: Budget | N
     until the resized copy is made.
     """
     img = open_image(data, limits)
-    with (budget or _UNBOUNDED).hold(img.width * img.height):
+    with budget.hold(img.width * img.height) if budget else nullcontext():
         load_image(img, data, limits)
         gray = to_gray(img)
         del img

@@ -27,12 +27,15 @@ import numpy as np
 from server.admission import Admission, Cost
 from server.batcher import Batcher, ItemOutput
 from server.config import Settings
-from server.decode_worker import ProcessDecoder, Setup
-from server.decoding import Decoded, DecodeJob, DecodePool, Lane
+from server.decode.budget import PixelBudget
+from server.decode.decoder import Decoded
+from server.decode.pool import DecodeJob, DecodePool, Lane
+from server.decode.setup import Setup
+from server.decode.worker import ProcessDecoder
 from server.errors import DeadlineExceeded, EmbedError, Internal, InvalidRequest, Overloaded, Unavailable
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
-from server.preprocess import ImageLimits, PixelBudget, decode
+from server.preprocess import ImageLimits, decode
 from server.runtime import release_memory
 from server.throughput import Estimate, Throughput
 
@@ -88,10 +91,10 @@ def _decode_pool(settings: Settings, image_size: int) -> DecodePool:
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     budget = PixelBudget(settings.max_decode_pixels)
     if settings.decode_in == "threads":
-        return DecodePool.in_threads(partial(decode, limits=limits, image_size=image_size, budget=budget),
-                                     settings.decode_workers)  # fmt: skip
-    setup = Setup(limits, image_size, settings.idle_trim_s)
-    return DecodePool([ProcessDecoder(setup, budget) for _ in range(settings.decode_workers)])
+        decode_one = partial(decode, limits=limits, image_size=image_size, budget=budget)
+        return DecodePool.in_threads(decode_one, settings.decode_workers)
+    setup = Setup(limits, image_size, settings.idle_trim_s, settings.decode_timeout_s)
+    return DecodePool([partial(ProcessDecoder, setup, budget)] * settings.decode_workers)
 
 
 class _Request:
@@ -246,9 +249,9 @@ class EmbedService:
 
     def _estimate(self, ahead: int, own: int) -> Estimate | None:
         """How long until a request of `own` images, behind `ahead` accepted ones, is answered."""
-        decoding, callers = self._decoder.backlog()
+        decoding = self._decoder.backlog()
         limit = self.runner.batch_limit(self.settings.max_batch_size)
-        return self.throughput.estimate(ahead, own, decoding, callers, limit)
+        return self.throughput.estimate(ahead, own, decoding.images, decoding.callers, limit)
 
     @staticmethod
     def new_lane() -> Lane:

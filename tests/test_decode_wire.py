@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from server import decode_wire as wire
+from server.decode import wire
 from server.errors import Internal, InvalidImage
 
 SIZE = 8

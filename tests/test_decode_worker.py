@@ -3,8 +3,10 @@ budget held across the process boundary, and a worker that dies loses no image."
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -12,10 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import decode_wire as wire
-from server.decode_worker import SMALL_PIXELS, ProcessDecoder, Setup
-from server.errors import InvalidImage
-from server.preprocess import ImageLimits, PixelBudget, decode
+from server.decode import wire
+from server.decode.budget import PixelBudget
+from server.decode.setup import SMALL_PIXELS, Setup
+from server.decode.worker import ProcessDecoder, backoff_s
+from server.errors import Internal, InvalidImage
+from server.preprocess import ImageLimits, decode
 from tests import images
 
 LIMITS = ImageLimits(max_bytes=64 * 1024 * 1024, max_pixels=50_000_000)
@@ -104,12 +108,12 @@ def test_a_worker_killed_mid_chunk_is_replaced_and_no_image_is_lost(
     worker: ProcessDecoder, budget: PixelBudget
 ) -> None:
     chunk = [images.png(32, 32, seed=i) for i in range(3)] + [big_png()] + [images.png(seed=9)]
-    first_child = worker._process.pid
+    first_child = worker.pid
 
     killer = kill_once_budget_is_held(first_child, budget)
     results = worker.decode(chunk)
     killer.join()
-    assert worker._process.pid != first_child
+    assert worker.pid != first_child
     for data, result in zip(chunk, results, strict=True):
         np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
     assert worker.decode([images.png()])[0].shape == (224, 224)
@@ -118,14 +122,14 @@ def test_a_worker_killed_mid_chunk_is_replaced_and_no_image_is_lost(
 def test_a_worker_killed_with_two_chunks_in_flight_answers_both(worker: ProcessDecoder, budget: PixelBudget) -> None:
     first = [images.png(32, 32, seed=1), big_png(), images.png(seed=2)]
     second = [images.jpeg(100, 80, seed=3), b"not an image", images.png(seed=4)]
-    child = worker._process.pid
+    child = worker.pid
 
     killer = kill_once_budget_is_held(child, budget)
     worker.send(first)
     worker.send(second)
     results = worker.receive() + worker.receive()
     killer.join()
-    assert worker._process.pid != child and budget.held == 0
+    assert worker.pid != child and budget.held == 0
     for data, result in zip(first + second, results, strict=True):
         if data == b"not an image":
             assert isinstance(result, InvalidImage)
@@ -137,7 +141,7 @@ def test_a_malformed_answer_restarts_the_worker_and_no_image_is_lost(
     worker: ProcessDecoder, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     chunk = [images.png(32, 32, seed=i) for i in range(3)]
-    child = worker._process.pid
+    child = worker.pid
     real = wire.decode_results
     answers = 0
 
@@ -150,7 +154,7 @@ def test_a_malformed_answer_restarts_the_worker_and_no_image_is_lost(
 
     monkeypatch.setattr(wire, "decode_results", first_one_malformed)
     results = worker.decode(chunk)
-    assert worker._process.pid != child
+    assert worker.pid != child
     assert "malformed answer" in caplog.text
     for data, result in zip(chunk, results, strict=True):
         np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
@@ -159,17 +163,70 @@ def test_a_malformed_answer_restarts_the_worker_and_no_image_is_lost(
 def test_a_chunk_the_child_cannot_read_ends_it_and_the_next_chunk_is_decoded_by_a_new_one(
     worker: ProcessDecoder,
 ) -> None:
-    child = worker._process
-    wire.write_frame(worker._to_child, wire.CHUNK, b"\x05\x00\x00\x00")  # 5 images, no lengths
-    assert child.wait(timeout=10) == 0  # it stops rather than waiting forever on a broken reader
+    child = worker._child
+    assert child is not None
+    wire.write_frame(child.to_child, wire.CHUNK, b"\x05\x00\x00\x00", deadline=time.monotonic() + 10)  # no lengths
+    assert child.process.wait(timeout=10) == 0  # it stops rather than waiting forever on a broken reader
     chunk = [images.png(16, 16, seed=1), images.png(20, 20, seed=2)]
     for data, result in zip(chunk, worker.decode(chunk), strict=True):
         np.testing.assert_array_equal(result, decode(data, LIMITS, 224))
-    assert worker._process is not child
+    assert worker._child is not child
 
 
 def test_closing_ends_the_child(budget: PixelBudget) -> None:
     decoder = ProcessDecoder(Setup(LIMITS, 224, idle_trim_s=0.2), budget)
     decoder.decode([images.png()])
+    assert decoder._child is not None
+    process = decoder._child.process
     decoder.close()
-    assert decoder._process.poll() is not None
+    assert process.poll() is not None
+
+
+def solid_png(value: int) -> bytes:
+    return images.encode(Image.new("L", (8, 8), value), "PNG")
+
+
+def test_a_restart_that_fails_fails_the_chunks_in_flight_and_the_next_chunk_gets_its_own_pixels(
+    worker: ProcessDecoder, budget: PixelBudget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    starts = 0
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        nonlocal starts
+        starts += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    killer = kill_once_budget_is_held(worker.pid, budget)  # type: ignore[arg-type]
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    worker.send([solid_png(10), big_png()])
+    worker.send([solid_png(20)])
+    answers = worker.receive() + worker.receive()
+    killer.join()
+    assert [str(a) for a in answers] == ["no decode worker process could be started; retry"] * 3
+    assert all(isinstance(a, Internal) for a in answers)
+    assert starts == 2  # one try per chunk, not per image
+    assert worker.pid is None and budget.held == 0
+    monkeypatch.undo()
+    results = worker.decode([solid_png(200), solid_png(200)])
+    assert len(results) == 2
+    for result in results:
+        assert isinstance(result, np.ndarray) and (result == 200).all()
+
+
+def test_an_image_that_takes_longer_than_the_timeout_is_stopped_with_its_child(budget: PixelBudget) -> None:
+    flat = images.encode(Image.new("L", (8000, 6250), 128), "WEBP", lossless=True)  # 50 MP: over a second
+    decoder = ProcessDecoder(Setup(LIMITS, 224, idle_trim_s=0.2, timeout_s=0.05), budget)
+    try:
+        child = decoder._child
+        assert child is not None
+        (result,) = decoder.decode([flat])
+        assert isinstance(result, InvalidImage)
+        assert str(result) == "decoding this image took longer than 0.05 s; it was stopped"
+        assert child.process.returncode == -signal.SIGKILL
+        assert budget.held == 0
+    finally:
+        decoder.close()
+
+
+def test_crashes_in_a_row_wait_longer_before_the_next_start() -> None:
+    assert [backoff_s(n) for n in range(1, 9)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]

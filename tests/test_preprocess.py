@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from server.decode.budget import PixelBudget
 from server.errors import InvalidImage, detached
-from server.preprocess import ImageLimits, PixelBudget, decode, normalization_of
+from server.preprocess import ImageLimits, decode, normalization_of
 from tests import images
 from tests.bad_inputs import png_claiming
 

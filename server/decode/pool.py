@@ -9,9 +9,11 @@ sized to about `slice_s` of work (from the lane's decode times so far),
 decodes it, and hands the whole chunk back with one event-loop wake-up. A job
 whose caller left is dropped, with whatever of it was still queued.
 
-Each pool thread decodes through a `ChunkDecoder`: a child process of its own
-(`server.decode_worker.ProcessDecoder`, the default: decoding runs in
-parallel over the CPUs) or the thread itself (`ThreadDecoder`).
+Each pool thread makes its own `ChunkDecoder` and decodes through it: a
+child process (`server.decode.worker.ProcessDecoder`, the default: decoding
+runs in parallel over the CPUs) or the thread itself (`ThreadDecoder`). A
+thread waiting for work holds no reference to the last job it decoded, so an
+answered or cancelled request's bytes are freed at once.
 """
 
 from __future__ import annotations
@@ -21,82 +23,22 @@ import collections
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
-from server.errors import EmbedError, Internal, detached
+from server.decode.decoder import ChunkDecoder, Decoded, ThreadDecoder
+from server.errors import Internal
 from server.runtime import name_os_thread
 from server.throughput import DecodeTimes
 
 log = logging.getLogger(__name__)
 
-Decoded = np.ndarray | EmbedError
-"""One image's decode result: uint8 pixels, or the (detached) error that refused it."""
-
 Deliver = Callable[[int, list[Decoded]], None]
 """Called on the job's event loop with a chunk: the index of its first image and the results."""
 
 MAX_CHUNK = 32
-
-
-def decode_safely(decode_one: Callable[[bytes], np.ndarray], data: bytes) -> tuple[Decoded, str | None]:
-    """One image's result; a failure of any kind stays this image's, never the call's.
-
-    An unexpected failure also returns its traceback, for the caller to log
-    (a decode worker process sends it to the server, which logs it).
-    """
-    try:
-        return decode_one(data), None
-    except EmbedError as exc:
-        return detached(exc), None
-    except Exception:
-        return Internal("internal error while decoding this image"), traceback.format_exc(limit=8)
-
-
-class ChunkDecoder(Protocol):
-    """Decodes chunks of images for one pool thread; every failure stays its image's result.
-
-    Up to `depth` chunks are sent before the first one's results are received.
-    """
-
-    depth: int
-
-    def send(self, images: list[bytes]) -> None: ...
-
-    def receive(self) -> list[Decoded]:
-        """The results of the oldest chunk sent, in order."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class ThreadDecoder:
-    """Decodes on the calling pool thread (no process of its own)."""
-
-    depth = 1
-
-    def __init__(self, decode_one: Callable[[bytes], np.ndarray]) -> None:
-        self._decode_one = decode_one
-        self._sent: collections.deque[list[bytes]] = collections.deque()
-
-    def send(self, images: list[bytes]) -> None:
-        self._sent.append(images)
-
-    def receive(self) -> list[Decoded]:
-        results = []
-        for data in self._sent.popleft():
-            result, failure = decode_safely(self._decode_one, data)
-            if failure is not None:
-                log.error("unexpected failure while decoding an image of %d bytes:\n%s", len(data), failure)
-            results.append(result)
-        return results
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass(eq=False)
@@ -116,6 +58,30 @@ class DecodeJob:
         return len(self.images) - self.next_index
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """The decoding ahead of a new request: images taken by a worker (decoded before any new
+    request's), images queued, and the callers (lanes) they are queued for, who take turns."""
+
+    taken: int
+    queued: int
+    callers: int
+
+    @property
+    def images(self) -> int:
+        return self.taken + self.queued
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A chunk sent to a pool thread's decoder, waiting for its results."""
+
+    job: DecodeJob
+    start: int
+    count: int
+    sent_at: float
+
+
 @dataclass(eq=False)
 class Lane:
     """One caller's jobs, decoded in order; it takes one turn among the callers.
@@ -129,9 +95,13 @@ class Lane:
 
 
 class DecodePool:
-    """One thread per decoder, taking chunks of every caller's jobs in turn."""
+    """One thread per decoder, taking chunks of every caller's jobs in turn.
 
-    def __init__(self, decoders: Sequence[ChunkDecoder], slice_s: float = 0.02) -> None:
+    Each thread calls its factory in `decoders` to make the decoder it uses,
+    so child processes start side by side, each tied to its thread.
+    """
+
+    def __init__(self, decoders: Sequence[Callable[[], ChunkDecoder]], slice_s: float = 0.02) -> None:
         self._slice_s = slice_s
         self.times = DecodeTimes(len(decoders))  # admission's estimate of the decoding ahead
         self._turns: collections.deque[Lane] = collections.deque()  # the lanes with queued jobs
@@ -148,12 +118,12 @@ class DecodePool:
     @property
     def pending(self) -> int:
         """Images queued or being decoded, over all jobs: more images are on their way to the batcher."""
-        return self.backlog()[0]
+        return self.backlog().images
 
-    def backlog(self) -> tuple[int, int]:
-        """Images queued or being decoded, and the callers (lanes) with images queued."""
+    def backlog(self) -> Backlog:
         with self._cond:
-            return self.busy_images + sum(job.queued for lane in self._turns for job in lane.jobs), len(self._turns)
+            queued = sum(job.queued for lane in self._turns for job in lane.jobs)
+            return Backlog(self.busy_images, queued, len(self._turns))
 
     def submit(self, images: Sequence[bytes], deliver: Deliver, lane: Lane | None = None) -> DecodeJob:
         """Queues a request's images; `deliver` gets them back in chunks, on the calling loop.
@@ -183,13 +153,13 @@ class DecodePool:
             lane = job.lane
             if job in lane.jobs:
                 lane.jobs.remove(job)
-                if not lane.jobs:
+                if not lane.jobs and lane in self._turns:  # after close() no lane has a turn
                     self._turns.remove(lane)
         return dropped
 
     @classmethod
     def in_threads(cls, decode_one: Callable[[bytes], np.ndarray], workers: int) -> DecodePool:
-        return cls([ThreadDecoder(decode_one) for _ in range(workers)])
+        return cls([lambda: ThreadDecoder(decode_one)] * workers)
 
     def close(self) -> None:
         """Stops taking work; each decoder closes once its chunk in progress is handed back."""
@@ -223,26 +193,40 @@ class DecodePool:
             self.busy_images += count
             return job, start, count
 
-    def _work(self, decoder: ChunkDecoder) -> None:
-        """Keeps up to `decoder.depth` chunks in flight, hands each back as its results come."""
+    def _work(self, make_decoder: Callable[[], ChunkDecoder]) -> None:
+        """Keeps up to `decoder.depth` chunks in flight, hands each back as its results come.
+
+        Jobs are referenced only from `in_flight` and the helpers' frames, so
+        none is kept alive while the thread waits for the next one.
+        """
         name_os_thread(threading.current_thread().name)
-        in_flight: collections.deque[tuple[DecodeJob, int, int, float]] = collections.deque()
+        decoder = make_decoder()
+        in_flight: collections.deque[_InFlight] = collections.deque()
         last_received = 0.0
         try:
             while True:
-                while len(in_flight) < decoder.depth and (taken := self._take(wait=not in_flight)) is not None:
-                    job, start, count = taken
-                    decoder.send([job.images[index] for index in range(start, start + count)])
-                    in_flight.append((job, start, count, time.perf_counter()))
+                self._fill(decoder, in_flight)
                 if not in_flight:
                     return  # closed
-                job, start, count, sent_at = in_flight.popleft()
-                results = self._receive(decoder, count)
-                # the decoder started on this chunk when it was sent or when it handed back the one before
-                began, last_received = max(sent_at, last_received), time.perf_counter()
-                self._hand_back(job, start, count, results, last_received - began)
+                last_received = self._hand_back_oldest(decoder, in_flight, last_received)
         finally:
             decoder.close()
+
+    def _fill(self, decoder: ChunkDecoder, in_flight: collections.deque[_InFlight]) -> None:
+        """Sends chunks until `decoder.depth` are in flight; waits for work only when none is."""
+        while len(in_flight) < decoder.depth and (taken := self._take(wait=not in_flight)) is not None:
+            job, start, count = taken
+            decoder.send([job.images[index] for index in range(start, start + count)])
+            in_flight.append(_InFlight(job, start, count, time.perf_counter()))
+
+    def _hand_back_oldest(self, decoder: ChunkDecoder, in_flight: collections.deque[_InFlight], last: float) -> float:
+        """Receives the oldest chunk's results and hands them back; returns when they came."""
+        chunk = in_flight.popleft()
+        results = self._receive(decoder, chunk.count)
+        received = time.perf_counter()
+        # the decoder started on this chunk when it was sent or when it handed back the one before
+        self._hand_back(chunk.job, chunk.start, chunk.count, results, received - max(chunk.sent_at, last))
+        return received
 
     @staticmethod
     def _receive(decoder: ChunkDecoder, count: int) -> list[Decoded]:

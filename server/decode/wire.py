@@ -5,6 +5,7 @@ would run code in the server. So the child's answers are frames the parent
 reads with `struct` and `numpy.frombuffer` only, each bounded in size:
 
     frame   = kind (1 byte) | body length (uint64) | body
+    READY body = empty (the child has started and waits for chunks)
     HOLD, RELEASE body = pixels (uint64)
     DONE body = count (uint32) | count x item | failures (uint32) | failures x (len uint32 | utf-8)
                 | the pixels of every decoded item, in order, image_size x image_size bytes each
@@ -23,7 +24,9 @@ of encoded images copied each of them twice more):
 from __future__ import annotations
 
 import os
+import select
 import struct
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,9 +36,9 @@ from server.errors import EmbedError
 
 Buffer = bytes | memoryview
 
-HOLD, RELEASE, DONE = b"H", b"R", b"D"
+READY, HOLD, RELEASE, DONE = b"Y", b"H", b"R", b"D"
 CHUNK, GRANT, STOP = b"C", b"G", b"S"
-FROM_CHILD, FROM_PARENT = (HOLD, RELEASE, DONE), (CHUNK, GRANT, STOP)
+FROM_CHILD, FROM_PARENT = (READY, HOLD, RELEASE, DONE), (CHUNK, GRANT, STOP)
 
 _HEADER = struct.Struct("<cQ")
 _U8, _U32, _U64 = struct.Struct("<B"), struct.Struct("<I"), struct.Struct("<Q")
@@ -51,25 +54,39 @@ class WireError(Exception):
     """The other side closed the pipe, or sent what this format does not allow."""
 
 
-def write_frame(fd: int, kind: bytes, *body: Buffer) -> None:
-    """Writes one frame whose body is the `body` parts one after the other (not joined first)."""
+class Overdue(Exception):
+    """No whole frame came before the reader's deadline."""
+
+
+def write_frame(fd: int, kind: bytes, *body: Buffer, deadline: float | None = None) -> None:
+    """Writes one frame whose body is the `body` parts one after the other (not joined first).
+
+    With a `deadline`, `fd` must be non-blocking: `Overdue` if the reader has not made room by then.
+    """
     views = [memoryview(part).cast("B") for part in body]  # flat: len() counts bytes, whatever the shape
     parts = [memoryview(_HEADER.pack(kind, sum(map(len, views)))), *views]
     while parts:
-        written = os.writev(fd, parts[:_IOV_MAX])
+        if deadline is not None:
+            _wait_for(fd, select.POLLOUT, deadline)
+        try:
+            written = os.writev(fd, parts[:_IOV_MAX])
+        except BlockingIOError:
+            continue
         while parts and written >= len(parts[0]):
             written -= len(parts.pop(0))
         if written:
             parts[0] = parts[0][written:]
 
 
-def read_frame(fd: int, max_body: int, kinds: Sequence[bytes] = FROM_CHILD) -> tuple[bytes, bytearray]:
+def read_frame(
+    fd: int, max_body: int, kinds: Sequence[bytes] = FROM_CHILD, deadline: float | None = None
+) -> tuple[bytes, bytearray]:
     """The next frame's kind and body; `WireError` at end of file, for a kind not in `kinds`,
-    or for a body over `max_body`."""
-    kind, size = _HEADER.unpack(_read_exact(fd, _HEADER.size))
+    or for a body over `max_body`; `Overdue` if it is not all here by `deadline` (`time.monotonic()`)."""
+    kind, size = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
     if kind not in kinds or size > max_body:
         raise WireError(f"unexpected frame {kind!r} of {size} bytes")
-    return kind, _read_exact(fd, size)
+    return kind, _read_exact(fd, size, deadline)
 
 
 def encode_count(pixels: int) -> bytes:
@@ -112,14 +129,14 @@ def encode_results(results: Sequence[np.ndarray | EmbedError], failures: Sequenc
     for result in results:
         if isinstance(result, EmbedError):
             name = type(result).__name__.encode()
-            message = str(result).encode()[:_MESSAGE_BYTES]
+            message = _cut(str(result), _MESSAGE_BYTES)
             parts += [_U8.pack(1), _U8.pack(len(name)), name, _U32.pack(len(message)), message]
         else:
             parts.append(_U8.pack(0))
             pixels.append(np.ascontiguousarray(result, dtype=np.uint8).data)
     parts.append(_U32.pack(len(failures)))
     for failure in failures:
-        text = failure.encode()[:_FAILURE_BYTES]
+        text = _cut(failure, _FAILURE_BYTES)
         parts += [_U32.pack(len(text)), text]
     return [b"".join(parts), *pixels]
 
@@ -168,12 +185,28 @@ def _decode_results(view: memoryview, count: int, image_size: int) -> tuple[list
     return [next(decoded) if result is None else result for result in results], failures
 
 
-def _read_exact(fd: int, size: int) -> bytearray:
+def _cut(text: str, limit: int) -> bytes:
+    """At most `limit` bytes of UTF-8, never half a character (the reader decodes strictly)."""
+    return text.encode()[:limit].decode(errors="ignore").encode()
+
+
+def _read_exact(fd: int, size: int, deadline: float | None = None) -> bytearray:
     buffer = bytearray(size)
     view, got = memoryview(buffer), 0
     while got < size:
+        if deadline is not None:
+            _wait_for(fd, select.POLLIN, deadline)
         read = os.readv(fd, [view[got:]])
         if read == 0:
             raise WireError("the worker closed its pipe")
         got += read
     return buffer
+
+
+def _wait_for(fd: int, event: int, deadline: float) -> None:
+    """Returns once `fd` is ready for `event` (or closed at the other end); `Overdue` at `deadline`."""
+    poller = select.poll()
+    poller.register(fd, event)
+    while not poller.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1)):
+        if time.monotonic() >= deadline:
+            raise Overdue("the other side did not answer by the deadline")

@@ -1,0 +1,40 @@
+"""What a decode worker process starts with: its settings and its environment, both free of secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from server.preprocess import ImageLimits
+
+SMALL_PIXELS = 2_000_000
+"""Images up to this many pixels are decoded without asking for the budget: a round trip per
+image would cost more than they do, and each child holds at most one such image at once."""
+
+_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH")
+"""The variables a child may need to start Python and find its packages; nothing else crosses
+(API keys, tokens and cloud credentials stay in the server)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a child needs to decode like the server; it travels as JSON on the child's command line."""
+
+    limits: ImageLimits
+    image_size: int
+    idle_trim_s: float  # idle this long after work, the child gives its freed memory back
+    timeout_s: float = 30.0  # an image the child takes longer over is stopped, with its child
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> Setup:
+        return cls(**{**fields, "limits": ImageLimits(**fields["limits"])})
+
+
+def child_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment a decode worker process gets: an allowlist of the server's."""
+    return {name: environ[name] for name in _ENVIRONMENT if name in environ}
