@@ -251,7 +251,7 @@ class EmbedService:
         """How long until a request of `own` images, behind `ahead` accepted ones, is answered."""
         decoding = self._decoder.backlog()
         limit = self.runner.batch_limit(self.settings.max_batch_size)
-        return self.throughput.estimate(ahead, own, decoding.images, decoding.callers, limit)
+        return self.throughput.estimate(ahead, own, decoding.images, decoding.callers, limit, taken=decoding.taken)
 
     @staticmethod
     def new_lane() -> Lane:

@@ -103,19 +103,24 @@ class Throughput:
         self.forward = forward
         self.decode = decode
 
-    def estimate(self, ahead: int, own: int, decoding: int, callers: int, batch_limit: int) -> Estimate | None:
+    def estimate(
+        self, ahead: int, own: int, decoding: int, callers: int, batch_limit: int, taken: int | None = None
+    ) -> Estimate | None:
         """How long until a request of `own` images is answered, behind `ahead` images already accepted
-        (`decoding` of them still to decode, for `callers` callers); with `own` 0, the backlog itself.
+        (`decoding` of them still to decode, for `callers` callers, `taken` of those by a worker
+        already: all of them by default); with `own` 0, the backlog itself.
 
-        The batch queue is first come, first served: every image ahead runs before the request's.
         The decoders take turns between callers in slices of equal time, so a request's images wait
-        for at most as much of each other caller's decoding as they cost themselves. None until a
-        forward pass has been measured (the service times one as it starts).
+        for at most as much of each other caller's decoding as they cost themselves. The batch queue
+        is first come, first served: the images ahead that are decoded or being decoded, and those
+        decoded before the request's, run before it. None until a forward pass has been measured
+        (the service times one as it starts).
         """
-        forward = self.forward.seconds_for(ahead + own, batch_limit)
+        decoded_first = min(decoding, own * callers) if own else decoding
+        queued = 0 if taken is None else decoding - taken
+        forward = self.forward.seconds_for(ahead - queued + min(queued, decoded_first) + own, batch_limit)
         alone = self.forward.seconds_for(own, batch_limit)
         if forward is None or alone is None:
             return None
-        decoded_first = min(decoding, own * callers) if own else decoding
         seconds = max(forward, self.decode.seconds_for(decoded_first + own))
         return Estimate(ahead + own, seconds, max(alone, self.decode.seconds_for(own)))

@@ -32,7 +32,7 @@ BIG = [("grpc.max_send_message_length", 256 * MB), ("grpc.max_receive_message_le
 
 @pytest.fixture
 def server(model_dir: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(["--model", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"],
+    with ServerProcess(["--model", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
                        ready_timeout_s=180) as running:  # fmt: skip
         yield running
 
@@ -137,10 +137,14 @@ def test_a_client_of_huge_images_does_not_starve_a_small_request(server: ServerP
     )
     small = embed_pb2_grpc.EmbedStub(grpc.insecure_channel(server.address))
     try:
-        time.sleep(1.0)  # the heavy request holds the decode workers now
+        deadline = time.monotonic() + 120
+        while server.metric("dinov2_in_flight_images") < 64:  # the heavy request holds the decode workers
+            assert time.monotonic() < deadline and not heavy_call.done(), "the heavy request was not taken in"
+            time.sleep(0.05)
         for _ in range(5):
-            answer = small.Embed(pb.EmbedRequest(images=[pb.Image(data=images.png())]), timeout=10)
+            answer = small.Embed(pb.EmbedRequest(images=[pb.Image(data=images.png())]), timeout=120)
             assert answer.embeddings[0].values
+            assert not heavy_call.done(), "a small request waited for the whole heavy one"
     finally:
         heavy_call.cancel()
     assert server.peak_rss_bytes() < 2.5 * GB

@@ -62,3 +62,15 @@ def test_a_new_caller_waits_for_its_share_of_the_decoders_not_for_everything_que
     assert small.own_seconds == pytest.approx(0.5 / 2) and small.wait == pytest.approx(0.25)
     # but never longer than everything queued would take
     assert throughput.estimate(2, 10, 2, 1, 8).seconds == pytest.approx((2 + 10) * 0.5 / 2)  # type: ignore[union-attr]
+
+
+def test_images_ahead_still_queued_for_decoding_are_not_all_counted_before_a_new_callers_forward_pass() -> None:
+    forward, decode = ForwardTimes(), DecodeTimes(workers=2)
+    forward.observe(8, 1.0)  # a slow model
+    decode.observe(images=1, seconds=0.5)
+    throughput = Throughput(forward, decode)
+    # 64 of another caller's images ahead: 4 decoded, 2 being decoded, 58 queued; its one share goes first
+    small = throughput.estimate(64, 1, 60, 1, 8, taken=2)
+    assert small is not None and small.seconds == pytest.approx(1.0)  # 4 + 2 + 1 + 1 images: one batch, not 9
+    assert throughput.estimate(64, 1, 60, 1, 8).seconds == pytest.approx(9.0)  # type: ignore[union-attr]
+    assert throughput.estimate(64, 0, 60, 1, 8, taken=2).seconds == pytest.approx(60 * 0.5 / 2)  # type: ignore[union-attr]
