@@ -85,7 +85,8 @@ class EmbedServer:
         self.calls = CallLimits(settings.max_calls_per_caller, settings.max_concurrent_rpcs)
         interceptors.append(CallLimitInterceptor(self.calls, self.metrics.refused.labels("calls").inc))
         self._server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
-        add_to_server(EmbedServicer(self.service), self._server)
+        self._servicer = EmbedServicer(self.service)
+        add_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -118,9 +119,14 @@ class EmbedServer:
         return self._server.add_insecure_port(self.settings.address)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: new work gets UNAVAILABLE, work in flight finishes within `grace` seconds."""
+        """Drains: new work gets UNAVAILABLE, work in flight finishes within `grace` seconds.
+
+        Streams end UNAVAILABLE once their answers in flight are sent: an idle
+        stream would otherwise hold the drain for the whole grace period.
+        """
         grace = self.settings.grace_s if grace is None else grace
         self.service.begin_drain()
+        self._servicer.drain()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self.service.close()

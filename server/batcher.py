@@ -10,7 +10,8 @@ Images whose caller left are taken out of the queue at once (`discard`), so
 they neither fill a batch nor count toward the queue; those whose deadline
 passed are dropped before the forward pass. The forward pass runs on the model's compute thread, so the
 event loop keeps serving I/O meanwhile; one that takes longer than
-`forward_timeout_s` fails its images and marks the worker unhealthy.
+`forward_timeout_s` fails its images and everything queued. Health, stalls
+and probing are the `Supervisor`'s (server/supervision.py).
 
 Callers hand images over in chunks (`put`), each with a `Sink` that takes
 their outputs back: one object per request instead of a future per image.
@@ -25,7 +26,6 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +35,7 @@ from server.errors import DeadlineExceeded, EmbedError, InferenceFailed, Unavail
 from server.metrics import Metrics
 from server.model import BatchOutput
 from server.runtime import ComputeThread
+from server.supervision import Supervisor
 from server.throughput import ForwardTimes
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class _FutureSink:
 
 
 class Batcher:
-    """Queue, batch forming and supervision around one forward function."""
+    """Queue and batch forming around one forward function, watched by a `Supervisor`."""
 
     def __init__(
         self,
@@ -120,14 +121,9 @@ class Batcher:
         self._own_compute = compute is None
         self._compute = compute or ComputeThread("forward")
         self._forward_timeout_s = forward_timeout_s
-        self._probe = probe
-        self._probe_interval_s = probe_interval_s
-        self._on_health = on_health
         self._coming = coming
         self.forward_times = forward_times or ForwardTimes()
-        self._healthy = True
-        self.stalled = False  # a forward pass overran its timeout and has not returned yet
-        self._prober: asyncio.Task[None] | None = None
+        self.supervisor = Supervisor(self._compute, probe, probe_interval_s, on_health)
         self._pending: collections.deque[_Entry] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -141,11 +137,12 @@ class Batcher:
 
     async def close(self) -> None:
         """Stops batching; images still queued fail with `Unavailable`."""
-        for task in (self._task, self._prober, *self._batches):
+        await self.supervisor.close()
+        for task in (self._task, *self._batches):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._task = self._prober = None
+        self._task = None
         self._fail_pending(Unavailable("server is shutting down"))
         if self._own_compute:
             self._compute.close()
@@ -154,7 +151,7 @@ class Batcher:
         """Raises `Unavailable` when images put now could not be run."""
         if self._task is None or self._task.done():
             raise Unavailable("inference worker is not running")
-        if self.stalled:
+        if self.supervisor.stalled:
             raise Unavailable("inference is stuck on an earlier batch; retry on another server")
 
     def put(self, items: Iterable[tuple[int, np.ndarray]], sink: Sink, deadline: float | None) -> int:
@@ -206,13 +203,14 @@ class Batcher:
             _settle_all(batch, Unavailable("server is shutting down"))
             raise
         except TimeoutError:
-            await self._stall(batch, running)
+            self._fail_overdue(batch)
+            await self.supervisor.wait_out(running)
             return
         except Exception:
             log.exception("forward pass failed on a batch of %d images", len(batch))
             self._metrics.inference_failures.inc()
             _settle_all(batch, InferenceFailed("inference failed on this image's batch; retry"))
-            self._set_healthy(False)
+            self.supervisor.failed()
             return
         if len(rows) < len(batch):  # count and answer those whose caller left while the batch waited
             kept, now = set(rows), time.monotonic()
@@ -225,7 +223,7 @@ class Batcher:
         self.forward_times.observe(len(rows), elapsed)
         self._metrics.batch_size.observe(len(rows))
         self._metrics.inference_seconds.observe(elapsed)
-        self._set_healthy(True)
+        self.supervisor.passed()
         for out_row, row in enumerate(rows):
             entry = batch[row]
             queued = started - entry.enqueued_at
@@ -248,26 +246,17 @@ class Batcher:
             raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(rows)} images")
         return rows, output
 
-    async def _stall(self, batch: list[_Entry], running: Future[BatchOutput]) -> None:
-        """A forward pass overran its timeout: fail its images and everything queued, refuse new
-        images, and wait for it (a thread cannot be killed) before batching again."""
+    def _fail_overdue(self, batch: list[_Entry]) -> None:
+        """A forward pass overran its timeout: its images, those queued and the batch waiting
+        behind it fail now; the supervisor then refuses new images until it returns."""
         log.error("forward pass of %d images still running after %.0f s: NOT_SERVING until it returns",
                   len(batch), self._forward_timeout_s)  # fmt: skip
         self._metrics.inference_failures.inc()
-        self.stalled = True
-        self._set_healthy(False)
         message = f"inference did not finish within {self._forward_timeout_s:g} s; retry on another server"
         _settle_all(batch, Unavailable(message))
         self._fail_pending(Unavailable(message))
         if self._waiting_batch is not None:
             _settle_all(self._waiting_batch, Unavailable(message))
-        try:
-            await asyncio.wrap_future(running)
-        except Exception:
-            pass
-        finally:
-            self.stalled = False
-        log.warning("the overdue forward pass returned; batching again")
 
     async def _collect(self, running: asyncio.Task[None] | None) -> list[_Entry]:
         """Waits for a first image, then for a full batch: as long as the model is busy with
@@ -341,38 +330,13 @@ class Batcher:
         self._metrics.queue_depth.set(0)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
-        """Supervision: a batcher that died (not stopped) is logged and reported unhealthy."""
-        if task.cancelled() or task.exception() is None:
+        """A batcher that died (not stopped) fails its images and is reported to the supervisor."""
+        if task.cancelled() or (error := task.exception()) is None:
             return
-        log.error("the batcher stopped on an unexpected error: NOT_SERVING", exc_info=task.exception())
         stopped = Unavailable("inference worker stopped; retry on another server")
         _settle_all(self._forming, stopped)
         self._fail_pending(stopped)
-        self._healthy = False
-        self._on_health(False)
-
-    def _set_healthy(self, healthy: bool) -> None:
-        """Reports changes; while unhealthy, a prober retries a forward pass until one succeeds."""
-        if healthy == self._healthy or (healthy and self._task is not None and self._task.done()):
-            return  # no change, or a batcher that died stays unhealthy
-        self._healthy = healthy
-        self._on_health(healthy)
-        if not healthy and self._probe is not None and (self._prober is None or self._prober.done()):
-            self._prober = asyncio.get_running_loop().create_task(self._probe_until_healthy(), name="prober")
-
-    async def _probe_until_healthy(self) -> None:
-        while not self._healthy:
-            try:
-                await asyncio.wrap_future(self._compute.submit(self._probe))  # type: ignore[arg-type]
-            except Exception as exc:
-                log.warning("probe forward pass failed (%s); retrying in %.1f s", type(exc).__name__,
-                            self._probe_interval_s)  # fmt: skip
-                await asyncio.sleep(self._probe_interval_s)
-            else:
-                if self.stalled:
-                    await asyncio.sleep(self._probe_interval_s)
-                else:
-                    self._set_healthy(True)
+        self.supervisor.died(error)
 
 
 def _settle_all(batch: list[_Entry], error: EmbedError) -> None:

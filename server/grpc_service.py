@@ -4,6 +4,9 @@ Thin on purpose: protobuf in, `EmbedService.embed`, protobuf out. Engine
 errors become gRPC codes here and nowhere else (`STATUS_OF`). Requests are
 parsed here too (`add_to_server`), so that a malformed body is answered
 INVALID_ARGUMENT with one warning rather than gRPC's UNKNOWN and a traceback.
+When the server drains (`EmbedServicer.drain`), every stream stops reading:
+it sends the answers in flight, then ends UNAVAILABLE, so that an idle
+stream does not hold the drain for its whole grace period.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ STATUS_OF: dict[type[errors.EmbedError], grpc.StatusCode] = {
 }
 
 SERVICE_NAME = embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name
+DRAINING = "server is draining: send the rest to another server"
 _ERROR_BYTES = 512  # room for one image's error in a response
 _PER_ITEM_BYTES = 24  # tags and lengths of one Embedding
 
@@ -170,6 +174,14 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self._service = service
         self._metrics = service.metrics
         self._receiving = asyncio.Semaphore(service.settings.max_receiving_requests)
+        self._readers: set[asyncio.Future[None]] = set()  # the request readers of the streams open now
+        self._draining = False
+
+    def drain(self) -> None:
+        """Stops every stream's reading: each sends its answers in flight, then ends UNAVAILABLE."""
+        self._draining = True
+        for reader in list(self._readers):
+            reader.cancel()
 
     async def _embed(
         self, received: _Sized | MalformedRequest, deadline: float | None, lane: Lane | None = None
@@ -234,14 +246,17 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     ) -> AsyncIterator[embed_pb2.EmbedResponse]:
         """Up to `stream_window` requests in flight; responses in request order.
 
-        When the call ends, however it ends, its outstanding work is cancelled
-        at once (`add_done_callback`): a generator suspended at `yield` would
-        only run its `finally` when collected.
+        A request is read only once it has a place in the window, so a drain
+        (`drain` cancels the reader) loses none read. When the call ends,
+        however it ends, its outstanding work is cancelled at once
+        (`add_done_callback`): a generator suspended at `yield` would only run
+        its `finally` when collected.
         """
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         deadline = _deadline(context)
-        window: asyncio.Queue[asyncio.Task[embed_pb2.EmbedResponse] | None] = asyncio.Queue(
-            self._service.settings.stream_window
-        )
+        places = asyncio.Semaphore(self._service.settings.stream_window)
+        answers: asyncio.Queue[asyncio.Task[embed_pb2.EmbedResponse] | None] = asyncio.Queue()
         outstanding: set[asyncio.Future[Any]] = set()
 
         def track(task: asyncio.Future[Any]) -> asyncio.Future[Any]:
@@ -257,16 +272,26 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         lane = self._service.new_lane()
 
         async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.put(track(asyncio.ensure_future(self._stream_one(request, deadline, lane))))
-            finally:
-                await window.put(None)
+            while True:
+                await places.acquire()
+                request = await anext(request_iterator, None)
+                if request is None:
+                    return
+                answers.put_nowait(track(asyncio.ensure_future(self._stream_one(request, deadline, lane))))
+
+        def read_done(reader: asyncio.Future[None]) -> None:  # also when cancelled before it ran
+            self._readers.discard(reader)
+            answers.put_nowait(None)
 
         reader = track(asyncio.ensure_future(read()))
+        self._readers.add(reader)
+        reader.add_done_callback(read_done)
         try:
-            while (task := await window.get()) is not None:
+            while (task := await answers.get()) is not None:
+                places.release()
                 yield await task
+            if reader.cancelled() and self._draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
             await reader
         finally:
             cancel_outstanding()
@@ -282,9 +307,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self._metrics.requests.labels("EmbedStream", "OK").inc()
         return response
 
-    async def Info(
-        self, request: embed_pb2.InfoRequest, context: grpc.aio.ServicerContext
-    ) -> embed_pb2.InfoResponse:
+    async def Info(self, request: embed_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> embed_pb2.InfoResponse:
         if isinstance(request, MalformedRequest):
             log.warning("request refused: INVALID_ARGUMENT: %s", request.message)
             self._metrics.requests.labels("Info", "INVALID_ARGUMENT").inc()

@@ -166,6 +166,10 @@ class RunningServer:
     def stop(self, grace: float = 5.0) -> None:
         self.channel.close()
         self.call(self.server.stop, grace)
+        self.end_loop()
+
+    def end_loop(self) -> None:
+        """Ends the event-loop thread, once the server has stopped (`stop` does both)."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
 

@@ -1,7 +1,9 @@
-"""`python -m server` as a user runs it: start, serve, clear start errors, SIGTERM drain."""
+"""`python -m server` as a user runs it: start, serve, clear start errors, SIGTERM drain (streams included)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +20,11 @@ import pytest
 
 from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
+from server.config import Settings
+from server.grpc_service import DRAINING
+from server.model import ModelRunner
 from tests import images
+from tests.conftest import ControlledRunner, RunningServer, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +52,16 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, 
         if "engine ready" in line and port:
             return port, lines
     raise AssertionError("server did not get ready:\n" + "".join(lines))
+
+
+def held_open(request: pb.EmbedRequest, release: threading.Event) -> Iterator[pb.EmbedRequest]:
+    """A stream's requests: `request`, then nothing more, and no half-close until `release`."""
+    yield request
+    release.wait(120)
+
+
+def one_image(seed: int) -> pb.EmbedRequest:
+    return pb.EmbedRequest(images=[pb.Image(data=images.png(seed=seed))])
 
 
 def test_unknown_hub_id_offline_ends_with_one_clear_line(tmp_path: Path) -> None:
@@ -89,6 +106,56 @@ def test_serves_then_drains_on_sigterm(model_dir: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_sigterm_ends_an_idle_stream_at_once_not_after_the_grace_period(model_dir: Path) -> None:
+    proc = start_server("--model", str(model_dir), "--grace-s", "120")
+    release = threading.Event()
+    try:
+        port, _ = wait_ready(proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = embed_pb2_grpc.EmbedStub(channel).EmbedStream(held_open(one_image(1), release), timeout=100)
+            assert len(next(call).embeddings[0].values) == 32
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0  # the stream, open and idle, did not hold the drain for 120 s
+            with pytest.raises(grpc.RpcError) as info:
+                next(call)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and info.value.details() == DRAINING
+    finally:
+        release.set()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_draining_stream_sends_the_answer_in_flight_then_ends_unavailable(
+    settings: Settings, runner: ModelRunner
+) -> None:
+    controlled = ControlledRunner(runner)
+    running = RunningServer(dataclasses.replace(settings, max_wait_ms=0), controlled)
+    release = threading.Event()
+    stopping = None
+    try:
+        calls = controlled.calls
+        controlled.allow(controlled.images_seen)  # the request's batch waits in the model
+        call = running.stub.EmbedStream(held_open(one_image(2), release), timeout=100)
+        wait_for(lambda: controlled.calls > calls)
+        stopping = asyncio.run_coroutine_threadsafe(running.server.stop(120), running.loop)
+        wait_for(lambda: not running.server.service.serving)  # the drain began (the answer reaches the loop after)
+        controlled.allow(float("inf"))
+        assert len(next(call).embeddings[0].values) == 32
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and info.value.details() == DRAINING
+        stopping.result(timeout=60)  # the drain ended with the stream, not after 120 s
+    finally:
+        release.set()
+        controlled.allow(float("inf"))
+        if stopping is None:
+            running.stop(grace=1.0)
+        else:
+            stopping.result(timeout=130)
+            running.channel.close()
+            running.end_loop()
 
 
 @pytest.mark.parametrize("which", ["--port", "--metrics-port"])

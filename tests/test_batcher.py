@@ -210,7 +210,7 @@ async def test_a_forward_pass_past_its_timeout_fails_its_images_and_turns_health
     model.delay_s = 1.0  # a stuck device
     with pytest.raises(Unavailable, match=r"did not finish within 0\.3 s"):
         await batcher.submit(image(1))
-    assert health == [False] and batcher.stalled
+    assert health == [False] and batcher.supervisor.stalled
     with pytest.raises(Unavailable, match="stuck"):
         await batcher.submit(image(2))
     model.delay_s = 0.0
@@ -218,7 +218,7 @@ async def test_a_forward_pass_past_its_timeout_fails_its_images_and_turns_health
         if health[-1]:
             break
         await asyncio.sleep(0.05)
-    assert health[-1] is True and not batcher.stalled
+    assert health[-1] is True and not batcher.supervisor.stalled
     assert float((await batcher.submit(image(3))).cls[0]) == 3
     await batcher.close()
 
