@@ -107,7 +107,9 @@ class Settings:
     forward_timeout_s: float = _opt(
         120.0, "A forward pass slower than this fails its images (UNAVAILABLE) and turns health NOT_SERVING."
     )
-    idle_trim_s: float = _opt(1.0, "After this long with no work in flight, freed memory goes back to the OS.")
+    idle_trim_s: float = _opt(
+        1.0, "After this long with the work in flight down to a quarter of its peak, freed memory goes back to the OS."
+    )
     hub_timeout_s: float = _opt(5.0, "How long the start waits for the Hugging Face Hub to answer before giving up.")
 
     def __post_init__(self) -> None:

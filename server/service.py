@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,12 +35,10 @@ from server.errors import DeadlineExceeded, EmbedError, Internal, InvalidRequest
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
 from server.preprocess import ImageLimits, decode
-from server.runtime import release_memory
+from server.runtime import MemoryPolicy
 from server.throughput import Estimate, Throughput
 
 log = logging.getLogger(__name__)
-
-_LAST_TRIM_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -191,8 +188,7 @@ class EmbedService:
             settings.max_queue_images, settings.max_inflight_bytes, settings.max_queue_s, self._estimate
         )
         self.metrics.queued_work_seconds.set_function(self._admission.queued_seconds)
-        self._trim: asyncio.TimerHandle | None = None
-        self._received_since_gc = 0
+        self._memory = MemoryPolicy(settings.idle_trim_s, settings.max_inflight_bytes)
         self._ready = False
         self._healthy = True
         self._draining = False
@@ -266,8 +262,7 @@ class EmbedService:
     async def close(self) -> None:
         await self.batcher.close()
         self._decoder.close()
-        if self._trim is not None:
-            self._trim.cancel()
+        self._memory.close()
 
     async def embed(
         self,
@@ -300,8 +295,7 @@ class EmbedService:
         if len(images) > limit:
             raise InvalidRequest(f"request has {len(images)} images, over the limit of {limit} per request")
         cost = Cost(len(images), nbytes if nbytes is not None else sum(len(data) for data in images))
-        self._arm_trim()  # also after a refusal: its body was received and parsed
-        self._collect_now_and_then(cost.nbytes)
+        self._memory.received(cost.nbytes)  # also before a refusal: its body was received and parsed
         await self._admit(cost, deadline, wait)
         self._in_flight_changed()
         request = _Request(len(images), options, deadline, self)
@@ -348,45 +342,9 @@ class EmbedService:
         if never_queued > 0:
             self.metrics.dropped.labels(reason).inc(never_queued)
 
-    def _collect_now_and_then(self, nbytes: int) -> None:
-        """A full garbage collection per `max_inflight_bytes` of requests received.
-
-        gRPC's per-call objects form reference cycles that keep the call's
-        received body alive; calls that last seconds reach the oldest
-        generation, which Python collects only rarely, so under a stream of
-        large requests memory would grow by the request size per call.
-        """
-        self._received_since_gc += nbytes
-        if self._received_since_gc >= self.settings.max_inflight_bytes:
-            self._received_since_gc = 0
-            gc.collect()
-            asyncio.get_running_loop().run_in_executor(None, release_memory)
-
     def _in_flight_changed(self) -> None:
         self.metrics.in_flight.set(self._admission.images)
-        self._arm_trim()
-
-    def _arm_trim(self, delay_s: float | None = None) -> None:
-        """Once nothing has been in flight for `idle_trim_s`, gives freed memory back (`_trim_memory`)."""
-        if self._trim is not None:
-            self._trim.cancel()
-        delay_s = self.settings.idle_trim_s if delay_s is None else delay_s
-        self._trim = asyncio.get_running_loop().call_later(delay_s, self._trim_memory, delay_s)
-
-    def _trim_memory(self, waited_s: float) -> None:
-        """Collects reference cycles (gRPC's calls leave some, holding request bodies), then
-        returns the heap's free pages to the kernel.
-
-        Again after 4x as long while still idle, up to `_LAST_TRIM_AFTER_S`: one trim
-        can come before all of a burst's memory is freed (tests/test_limits.py saw the
-        server keep 1.7 GB after a burst of large PNGs with a single trim).
-        """
-        self._trim = None
-        if self._admission.images == 0:
-            gc.collect()
-            asyncio.get_running_loop().run_in_executor(None, release_memory)
-            if 0 < waited_s * 4 <= _LAST_TRIM_AFTER_S:
-                self._arm_trim(waited_s * 4)
+        self._memory.in_flight(self._admission.nbytes)
 
     def _set_healthy(self, healthy: bool) -> None:
         if healthy != self._healthy:

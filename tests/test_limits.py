@@ -107,6 +107,50 @@ def test_concurrent_large_requests_are_answered_or_refused_within_bounded_memory
     assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the load"
 
 
+def test_memory_goes_back_after_a_burst_while_small_requests_keep_flowing(server: ServerProcess) -> None:
+    rng = np.random.default_rng(7)
+    noise = Image.fromarray(rng.integers(0, 255, (1680, 1680, 3), dtype=np.uint8))
+    png = images.encode(noise, "PNG", compress_level=1)  # ~8.5 MB: noise does not compress
+    raw = pb.EmbedRequest(images=[pb.Image(data=png, id=str(i)) for i in range(15)]).SerializeToString()
+    call = raw_embed(server.address)
+    small = embed_pb2_grpc.EmbedStub(grpc.insecure_channel(server.address))
+    request = pb.EmbedRequest(images=[pb.Image(data=images.jpeg())] * 4)  # no whole second with nothing in flight
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def one() -> str:
+        try:
+            call(raw, timeout=300)
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    def one_a_second() -> None:  # the scenario's pace: a call starts on each second (at once if one was late)
+        due = time.monotonic()
+        while not stop.wait(max(0.0, due - time.monotonic())):
+            due = max(due + 1.0, time.monotonic())
+            try:
+                answers.append("OK" if small.Embed(request, timeout=30).embeddings[0].values else "empty")
+            except grpc.RpcError as exc:
+                answers.append(exc.code().name)
+
+    flowing = threading.Thread(target=one_a_second)
+    flowing.start()
+    try:
+        outcomes = in_threads(32, one)
+        peak, during, burst_end = server.peak_rss_bytes(), len(answers), time.monotonic()
+        after = wait_for_rss_below(server, int(1.5 * GB), within_s=30)
+        waited_s, since = time.monotonic() - burst_end, len(answers) - during
+    finally:
+        stop.set()
+        flowing.join()
+    print(f"peak {peak / GB:.2f} GB, {after / GB:.2f} GB {waited_s:.1f} s after the burst; small calls: {during} "
+          f"during the burst, {since} after")  # fmt: skip
+    assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"} and outcomes["OK"] >= 1, outcomes
+    assert answers and set(answers) == {"OK"}, Counter(answers)
+    assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the burst (peak {peak / GB:.2f} GB)"
+
+
 def test_compressed_requests_are_refused_before_they_are_inflated(server: ServerProcess) -> None:
     inflated = pb.EmbedRequest(images=[pb.Image(data=bytes(8 * MB), id=str(i)) for i in range(15)])
     stub = embed_pb2_grpc.EmbedStub(grpc.insecure_channel(server.address, options=BIG))
