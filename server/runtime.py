@@ -165,6 +165,7 @@ class MemoryPolicy:
     def _trim(self, waited_s: float) -> None:
         self._timer = None
         self._used = False
+        log.debug("memory trim: %d bytes in flight, peak %d", self._in_flight, self._peak)
         self._release()
         if 0 < waited_s * 4 <= _LAST_TRIM_AFTER_S:
             self._timer = self._running_loop().call_later(waited_s * 4, self._trim, waited_s * 4)
