@@ -12,11 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
@@ -54,6 +56,14 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, 
     raise AssertionError("server did not get ready:\n" + "".join(lines))
 
 
+def metric(lines: list[str], name: str) -> float:
+    """A sample of the server's /metrics now (its address read from the log `lines`)."""
+    url = next(m.group(1) for line in lines if (m := re.search(r"metrics on (http://\S+/metrics)", line)))
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
 def held_open(request: pb.EmbedRequest, release: threading.Event) -> Iterator[pb.EmbedRequest]:
     """A stream's requests: `request`, then nothing more, and no half-close until `release`."""
     yield request
@@ -78,7 +88,7 @@ def test_unknown_hub_id_offline_ends_with_one_clear_line(tmp_path: Path) -> None
 
 
 def test_serves_then_drains_on_sigterm(model_dir: Path) -> None:
-    proc = start_server("--model", str(model_dir), "--max-wait-ms", "200")
+    proc = start_server("--model", str(model_dir), "--max-wait-ms", "200", "--metrics-port", "0")
     try:
         port, lines = wait_ready(proc)
         assert any("dtype float32 (asked auto), device cpu (asked auto)" in line for line in lines)
@@ -93,7 +103,7 @@ def test_serves_then_drains_on_sigterm(model_dir: Path) -> None:
 
         in_flight = threading.Thread(target=call)
         in_flight.start()
-        time.sleep(0.05)
+        wait_for(lambda: "response" in result or metric(lines, "dinov2_in_flight_images") > 0)  # the call is accepted
         proc.send_signal(signal.SIGTERM)
         in_flight.join(timeout=60)
         response = result["response"]

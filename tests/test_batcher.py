@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,13 @@ async def held(model: FakeModel, batcher: Batcher) -> asyncio.Future[Any]:
     return busy
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Waits until `condition()` holds, checked between turns of the loop; fails the test after 60 s."""
+    async with asyncio.timeout(60):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
 async def started(model: FakeModel, health: list[bool] | None = None, **kwargs: Any) -> Batcher:
     options = {"max_batch_size": 8, "max_wait_ms": 30.0, **kwargs}
     batcher = Batcher(
@@ -100,18 +108,18 @@ async def test_a_lone_image_waits_at_most_max_wait() -> None:
     batcher = await started(model, max_wait_ms=50.0)
     t0 = time.monotonic()
     out = await batcher.submit(image(7))
-    assert 0.04 <= time.monotonic() - t0 < 1.0
+    assert 0.04 <= time.monotonic() - t0 < 30  # not held for a batch that never fills
     assert out.batch_size == 1 and out.queue_s >= 0.04
     await batcher.close()
 
 
 async def test_a_lone_image_is_not_held_back_when_nothing_more_is_coming() -> None:
     model = FakeModel()
-    batcher = Batcher(model, max_batch_size=8, max_wait_ms=500.0, metrics=Metrics(), coming=lambda: 0)
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=60_000.0, metrics=Metrics(), coming=lambda: 0)
     batcher.start()
     t0 = time.monotonic()
     out = await batcher.submit(image(7))
-    assert time.monotonic() - t0 < 0.25 and out.batch_size == 1
+    assert time.monotonic() - t0 < 30 and out.batch_size == 1  # not the minute of max_wait
     await batcher.close()
 
 
@@ -129,8 +137,8 @@ async def test_a_backlog_that_fills_the_batch_is_waited_for_past_max_wait() -> N
 @pytest.mark.parametrize(
     ("max_wait_ms", "backlog_wait_ms", "coming", "least_wait_s"),
     [
-        (10.0, 5000.0, 3, 0.0),  # too few on their way to fill the batch: max_wait only
-        (0.0, 100.0, 100, 0.09),  # a backlog: waited for up to backlog_wait, no longer
+        (10.0, 60_000.0, 3, 0.0),  # too few on their way to fill the batch: max_wait only, not the minute
+        (0.0, 100.0, 100, 0.09),  # a backlog: waited for up to backlog_wait, not for ever
     ],
     ids=["small-backlog", "bounded"],
 )
@@ -140,38 +148,40 @@ async def test_a_lone_image_waits_no_longer_than_its_bound(
     batcher = await started(FakeModel(), max_wait_ms=max_wait_ms, backlog_wait_ms=backlog_wait_ms,
                             coming=lambda: coming)  # fmt: skip
     out = await batcher.submit(image(0))
-    assert out.batch_size == 1 and least_wait_s <= out.queue_s < 1.0
+    assert out.batch_size == 1 and least_wait_s <= out.queue_s < 30
     await batcher.close()
 
 
 async def test_images_queued_while_the_model_is_busy_form_the_next_batch() -> None:
-    model = FakeModel(delay_s=0.2)
+    model = FakeModel()
     batcher = await started(model, max_wait_ms=0.0)
-    first = asyncio.ensure_future(batcher.submit(image(0)))
-    await asyncio.sleep(0.05)
-    rest = await asyncio.gather(*(batcher.submit(image(v)) for v in range(1, 6)))
+    first = await held(model, batcher)
+    rest = Collect(5)
+    batcher.put([(i, image(1 + i)) for i in range(5)], rest, None)
+    model.gate.set()  # type: ignore[union-attr]
+    await asyncio.wait_for(rest.done, 60)
     await first
     assert model.batches == [1, 5]
-    assert all(o.batch_size == 5 for o in rest)
+    assert all(o.batch_size == 5 for o in rest.results.values())
     await batcher.close()
 
 
 async def test_cancelled_and_expired_images_never_reach_the_model() -> None:
-    model = FakeModel(delay_s=0.2)
+    model = FakeModel()
     batcher = await started(model, max_wait_ms=0.0)
-    busy = asyncio.ensure_future(batcher.submit(image(1)))
-    await asyncio.sleep(0.05)
+    busy = await held(model, batcher)
+    metrics = batcher._metrics
     cancelled = asyncio.ensure_future(batcher.submit(image(2)))
-    expired = asyncio.ensure_future(batcher.submit(image(3), deadline=time.monotonic() + 0.01))
+    expired = asyncio.ensure_future(batcher.submit(image(3), deadline=time.monotonic()))  # passed once queued
     kept = asyncio.ensure_future(batcher.submit(image(4)))
-    await asyncio.sleep(0.01)
+    await until(lambda: metrics.value("dinov2_queue_depth") == 3)
     cancelled.cancel()
+    model.gate.set()  # type: ignore[union-attr]
     await busy
     with pytest.raises(DeadlineExceeded):
         await expired
     assert float((await kept).cls[0]) == 4
-    assert model.seen == [1, 4]
-    metrics = batcher._metrics
+    assert model.seen == [0, 4]
     assert metrics.value("dinov2_dropped_images_total", {"reason": "cancelled"}) == 1
     assert metrics.value("dinov2_dropped_images_total", {"reason": "deadline"}) == 1
     await batcher.close()
@@ -189,13 +199,13 @@ async def test_a_failing_batch_fails_only_its_images_and_the_worker_recovers() -
 
 
 async def test_close_fails_waiting_images_and_refuses_new_ones() -> None:
-    model = FakeModel(delay_s=0.3)
+    model = FakeModel()
     batcher = await started(model, max_wait_ms=0.0)
-    busy = asyncio.ensure_future(batcher.submit(image(1)))
-    await asyncio.sleep(0.05)
+    busy = await held(model, batcher)
     waiting = asyncio.ensure_future(batcher.submit(image(2)))
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher._metrics.value("dinov2_queue_depth") == 1)
     await batcher.close()
+    model.gate.set()  # type: ignore[union-attr]
     for pending in (busy, waiting):
         with pytest.raises(Unavailable):
             await pending
@@ -204,41 +214,36 @@ async def test_close_fails_waiting_images_and_refuses_new_ones() -> None:
 
 
 async def test_a_forward_pass_past_its_timeout_fails_its_images_and_turns_health_off_until_it_returns() -> None:
-    model = FakeModel(delay_s=0.0)
+    model = FakeModel()
     health: list[bool] = []
     batcher = await started(model, health, max_wait_ms=0.0, forward_timeout_s=0.3)
-    model.delay_s = 1.0  # a stuck device
+    model.gate = threading.Event()  # a stuck device, until the gate opens
     with pytest.raises(Unavailable, match=r"did not finish within 0\.3 s"):
         await batcher.submit(image(1))
     assert health == [False] and batcher.supervisor.stalled
     with pytest.raises(Unavailable, match="stuck"):
         await batcher.submit(image(2))
-    model.delay_s = 0.0
-    for _ in range(100):
-        if health[-1]:
-            break
-        await asyncio.sleep(0.05)
-    assert health[-1] is True and not batcher.supervisor.stalled
+    model.gate.set()
+    await until(lambda: health[-1])
+    assert health == [False, True] and not batcher.supervisor.stalled
     assert float((await batcher.submit(image(3))).cls[0]) == 3
     await batcher.close()
 
 
 async def test_a_batcher_that_dies_is_logged_and_reported_unhealthy(caplog: pytest.LogCaptureFixture) -> None:
     health: list[bool] = []
-    batcher = await started(FakeModel(delay_s=0.2), health, max_wait_ms=0.0)
-    busy = asyncio.ensure_future(batcher.submit(image(1)))
-    await asyncio.sleep(0.05)
+    model = FakeModel()
+    batcher = await started(model, health, max_wait_ms=0.0)
+    busy = await held(model, batcher)  # the batcher waits for the next batch in a `_collect` already called
 
     async def broken(*args: object) -> list[object]:
         raise RuntimeError("batcher bug")
 
     batcher._collect = broken  # type: ignore[method-assign]
+    model.gate.set()  # type: ignore[union-attr]
     answered = await asyncio.gather(busy, batcher.submit(image(2)))  # batches already formed still run
-    assert [float(out.cls[0]) for out in answered] == [1, 2]
-    for _ in range(100):
-        if health:
-            break
-        await asyncio.sleep(0.02)
+    assert [float(out.cls[0]) for out in answered] == [0, 2]
+    await until(lambda: bool(health))
     assert health == [False]
     assert any("batcher stopped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
     with pytest.raises(Unavailable, match="not running"):

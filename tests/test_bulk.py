@@ -79,8 +79,14 @@ def committed(out: Path) -> int:
 
 
 def start(*argv: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "client", "embed", *argv], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    """The job as a process that a SIGINT interrupts, also where this test run ignores SIGINT (a shell
+    starts a background job so, and an ignored signal stays ignored across exec; a handler does not)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "client", "embed", *argv], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
@@ -103,6 +109,18 @@ def slow_server(make_server_module: Any, runner: Any) -> RunningServer:
     controlled = ControlledRunner(runner)
     controlled.delay_s = 0.04
     return make_server_module(runner_=controlled)
+
+
+def model_of(server: RunningServer) -> ControlledRunner:
+    return server.server.service.runner  # type: ignore[return-value]
+
+
+def held_past(model: ControlledRunner, images: int) -> None:
+    """Lets `images` more images through the model; the batches after wait in it until `allow(inf)`.
+
+    A job interrupted at a point before that cannot have finished first, however slow the machine.
+    """
+    model.allow(model.images_seen + images)
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +149,19 @@ def test_sigkill_three_times_then_resume_equals_an_uninterrupted_run(
     out = tmp_path / "out.parquet"
     argv = (str(dataset[0]), "--server", slow_server.address, "-o", str(out),
             "--batch-size", "8", "--window", "2", "--shard-size", "16")  # fmt: skip
-    for fraction in (0, 1 / 3, 2 / 3):  # as soon as the job has begun, then a third and two thirds in
-        proc = start(*argv)
-        wait_for(lambda f=fraction: (parts_folder(out) / "manifest.json").exists() and committed(out) >= f * 300, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+    model = model_of(slow_server)
+    try:
+        for fraction in (0, 1 / 3, 2 / 3):  # as soon as the job has begun, then a third and two thirds in
+            # Enough to commit the shards up to the point (a shard, the killed job's batch left in the model
+            # and a batch more), never the whole job: 200 + 48 < 300.
+            target = round(fraction * 300)
+            held_past(model, target - committed(out) + 48)
+            proc = start(*argv)
+            wait_for(lambda t=target: (parts_folder(out) / "manifest.json").exists() and committed(out) >= t, proc)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+    finally:
+        model.allow(float("inf"))
     before = committed(out)
     assert 200 <= before < 300 and not out.exists()
     code, _, stderr = run("embed", str(dataset[0]), "--server", server.address, "-o", str(out))
@@ -154,11 +180,16 @@ def test_sigint_keeps_what_arrived_and_exits_130(
     out = tmp_path / "out.npy"
     argv = (str(dataset[0]), "--server", slow_server.address, "-o", str(out),
             "--batch-size", "8", "--window", "2", "--shard-size", "64")  # fmt: skip
-    proc = start(*argv)
-    wait_for(lambda: committed(out) >= 128, proc)
-    seen = committed(out)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=20)
+    model = model_of(slow_server)
+    held_past(model, 128 + 48)  # two shards of 64 (and batches left in the model), never the whole job
+    try:
+        proc = start(*argv)
+        wait_for(lambda: committed(out) >= 128, proc)
+        seen = committed(out)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        model.allow(float("inf"))
     assert proc.returncode == 130, stderr
     saved = committed(out)  # what had arrived since the last shard is committed on the way out
     assert seen <= saved < 300 and f"interrupted; {saved} images are saved in {parts_folder(out)}/" in stderr

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +59,28 @@ class ServerProcess:
                 self.kill()
 
 
+class JobLog:
+    """A running job's stderr, read as it comes; `retrying` is set once the job says it waits for its server."""
+
+    def __init__(self, job: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self.retrying = threading.Event()
+        self._reader = threading.Thread(target=self._read, args=(job,), daemon=True)
+        self._reader.start()
+
+    def _read(self, job: subprocess.Popen[str]) -> None:
+        assert job.stderr is not None
+        for line in job.stderr:
+            self.lines.append(line)
+            if line.startswith("waiting for"):
+                self.retrying.set()
+
+    def text(self) -> str:
+        """All of it, once the job has ended."""
+        self._reader.join(timeout=30)
+        return "".join(self.lines)
+
+
 @pytest.fixture
 def server_process(model_dir: Path) -> Iterator[ServerProcess]:
     with socket.socket() as probe:
@@ -79,16 +100,18 @@ def test_a_server_killed_and_restarted_mid_job_does_not_fail_it(
     out = tmp_path / "out.parquet"
     job = start(str(root), "--server", f"127.0.0.1:{server_process.port}", "-o", str(out),
                 "--batch-size", "8", "--window", "2", "--shard-size", "16", "--retry-for", "60")  # fmt: skip
+    log = JobLog(job)
     try:
         wait_for(lambda: committed(out) >= 100, job)
         server_process.kill()
-        time.sleep(0.5)
+        assert log.retrying.wait(60), "the job did not say it waits for its server:\n" + "".join(log.lines)
         assert job.poll() is None, "the job ended with its server"
         server_process.start()
-        _, stderr = job.communicate(timeout=90)
+        job.wait(timeout=90)
     finally:
         if job.poll() is None:
             job.kill()
+    stderr = log.text()
     assert job.returncode == 1, stderr  # 1: the three broken files; the job itself went through
     assert "embedded 400 of 403 images" in stderr
     ids, rows = read_parquet(out)

@@ -4,7 +4,6 @@ and work nobody waits for never reaches the model."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import grpc
@@ -67,7 +66,8 @@ def test_health_is_not_serving_while_the_model_fails_and_serving_after(make_serv
     response = server.stub.Embed(request(1), timeout=30)
     assert response.embeddings[0].error.code == grpc.StatusCode.INTERNAL.value[0]
     wait_for(lambda: health(server) == health_pb2.HealthCheckResponse.NOT_SERVING)
-    time.sleep(0.3)
+    probes = controlled.calls
+    wait_for(lambda: controlled.calls >= probes + 3)  # the prober tried, and failed, three more times
     assert health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
     controlled.failing = False
     wait_for(lambda: health(server) == health_pb2.HealthCheckResponse.SERVING)
