@@ -102,6 +102,17 @@ def _pairs(inputs: Inputs, listing: Listing, line_ids_only: bool) -> Iterator[tu
             yield source.id, source.image
 
 
+def _check_writable(out: Path) -> None:
+    """Refuses an OUT that cannot be written because a part of its path is a file, or it is a folder."""
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder; -o takes a file name (.npy, .npz or .parquet)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"cannot write {out}: {parent} is a file, not a folder; name another OUT")
+            return
+
+
 class Job:
     """One run of a job; `run()` returns the exit status and reports on `stderr`."""
 
@@ -153,6 +164,7 @@ class Job:
         out = self.options.out
         if state is None or out is None:
             return None
+        _check_writable(out)
         previous = None if self.options.overwrite else manifests.read(state.manifest_path)
         if previous is None and self.options.resume:
             raise UsageError(f"nothing to resume: {state.manifest_path} does not exist")

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2  # 2: ids relative to the common folder of the inputs (1 named them as given)
 
 
 class ManifestMismatch(ValueError):
@@ -77,6 +77,10 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format") == 1:
+            raise ManifestMismatch("the job was written by an earlier client, which named images differently "
+                                   "(ids are now relative to the inputs' common folder); "
+                                   "give --overwrite to start again, or write to another OUT")  # fmt: skip
         if data.get("format") != FORMAT:
             raise ManifestMismatch(f"job state of format {data.get('format')!r}; this client reads format {FORMAT}")
         values = dict(data)

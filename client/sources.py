@@ -6,10 +6,15 @@ recursively with its entries sorted; glob matches sorted; a list file's lines
 in order; an archive's members in archive order. Inputs are listed lazily, so
 a job over millions of images never holds their list (only its caller's ids).
 
-Ids: a file named on the command line (or on a line of a `--from-list` file)
-keeps its name as given; files found in a folder are named relative to the
-folder; glob matches keep the path as matched; an archive's members are
-`ARCHIVE/member/path`, ARCHIVE being the archive's own id. Folders, globs and
+Ids name the file, so that two different files never share one: an id is
+the file's path relative to the common folder of all arguments (a folder
+counts as itself, a file or a glob as the folder it is in; with
+`--from-list`, the current folder too, as its lines are paths from there).
+`photos/` alone gives `0001.jpg`; `train/ val/` give `train/0001.jpg` and
+`val/0001.jpg`; a listed file outside that folder keeps its absolute path.
+An archive's members are `ARCHIVE/member/path`, ARCHIVE being the archive's
+own id and the member's name normalized (`./a.jpg` is `a.jpg`). The offline
+job (offline/sources.py) gives the same file the same id. Folders, globs and
 archives keep only files with an image extension (the others are counted as
 skipped); a file named explicitly is always taken.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import tarfile
 import threading
 from collections.abc import Callable, Container, Iterator
@@ -94,52 +100,91 @@ class Inputs:
         if self.from_list is not None and not self.from_list.is_file():
             raise InputError(f"no such list file: {self.from_list}")
 
+    def root(self) -> str:
+        """The folder ids are relative to (absolute)."""
+        anchors = [_anchor(a) for a in self.arguments]
+        if self.from_list is not None:
+            anchors.append(os.getcwd())
+        return os.path.commonpath(anchors)
+
     def sources(self, select: Select, tally: Tally) -> Iterator[Source]:
         """Every input in order; `select(id)` decides, before anything is read, which ones are yielded."""
+        names = _Names(self.root())
         for argument in self.arguments:
-            yield from _argument(argument, select, tally)
+            yield from _argument(argument, names, select, tally)
         if self.from_list is not None:
             with open(self.from_list, encoding="utf-8") as lines:
                 for line in lines:
                     entry = line.rstrip("\r\n")
                     if entry.strip():
-                        yield from _listed(entry, select, tally)
+                        yield from _listed(entry, names, select, tally)
 
 
-def _argument(argument: str, select: Select, tally: Tally) -> Iterator[Source]:
+class _Names:
+    """Ids relative to one folder."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def of(self, path: str | Path) -> str:
+        absolute = os.path.abspath(path)
+        relative = os.path.relpath(absolute, self.root)
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+            return Path(absolute).as_posix()
+        return Path(relative).as_posix()
+
+
+def member_id(archive_id: str, name: str) -> str:
+    """The id of an archive member: `./a.jpg`, `a//b.jpg` and `/a.jpg` name `a.jpg`, `a/b.jpg`, `a.jpg`."""
+    return f"{archive_id}/{posixpath.normpath(name).lstrip('/')}"
+
+
+def _anchor(argument: str) -> str:
+    path = os.path.abspath(argument)
+    if os.path.isdir(path):
+        return path
+    if _has_magic(argument):
+        while _has_magic(path):
+            path = os.path.dirname(path)
+        return path
+    return os.path.dirname(path)
+
+
+def _argument(argument: str, names: _Names, select: Select, tally: Tally) -> Iterator[Source]:
     path = Path(argument)
     if path.is_dir():
-        yield from _folder(path, select, tally)
+        yield from _folder(path, names, select, tally)
     elif is_archive_name(argument) and path.is_file():
-        yield from _archive(path, argument, select, tally)
+        yield from _archive(path, names.of(path), select, tally)
     elif path.exists() or path.is_symlink():
-        if select(argument):
-            yield Source(argument, path)
+        if select(image_id := names.of(path)):
+            yield Source(image_id, path)
     elif _has_magic(argument):
         for match in sorted(glob.glob(argument, recursive=True)):
             if not os.path.isfile(match):
                 continue
             if is_archive_name(match):
-                yield from _archive(Path(match), match, select, tally)
+                yield from _archive(Path(match), names.of(match), select, tally)
             elif not is_image_name(match):
                 tally.non_images += 1
-            elif select(match):
-                yield Source(match, Path(match))
-    elif select(argument):  # gone since `check`: a failure like any unreadable file
-        yield Source(argument, ItemError(_NOT_FOUND, f"no such file or folder: {argument}"))
+            elif select(image_id := names.of(match)):
+                yield Source(image_id, Path(match))
+    elif select(image_id := names.of(argument)):  # gone since `check`: a failure like any unreadable file
+        yield Source(image_id, ItemError(_NOT_FOUND, f"no such file or folder: {argument}"))
 
 
-def _listed(entry: str, select: Select, tally: Tally) -> Iterator[Source]:
+def _listed(entry: str, names: _Names, select: Select, tally: Tally) -> Iterator[Source]:
     """A list file's line: a file (not even stat'ed until read), or a folder or archive, expanded."""
+    image_id = names.of(entry)
     if is_archive_name(entry):
         if os.path.isfile(entry):
-            yield from _archive(Path(entry), entry, select, tally)
-        elif select(entry):
-            yield Source(entry, ItemError(_NOT_FOUND, f"no such archive: {entry}"))
+            yield from _archive(Path(entry), image_id, select, tally)
+        elif select(image_id):
+            yield Source(image_id, ItemError(_NOT_FOUND, f"no such archive: {entry}"))
     elif not is_image_name(entry) and os.path.isdir(entry):
-        yield from _folder(Path(entry), select, tally)
-    elif select(entry):
-        yield Source(entry, Path(entry))
+        yield from _folder(Path(entry), names, select, tally)
+    elif select(image_id):
+        yield Source(image_id, Path(entry))
 
 
 def _holds_images(root: Path) -> bool:
@@ -147,12 +192,12 @@ def _holds_images(root: Path) -> bool:
     return any(is_image_name(name) or is_archive_name(name) for _, _, files in os.walk(root) for name in files)
 
 
-def _folder(root: Path, select: Select, tally: Tally) -> Iterator[Source]:
+def _folder(root: Path, names: _Names, select: Select, tally: Tally) -> Iterator[Source]:
     for parent, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
             path = Path(parent, name)
-            image_id = path.relative_to(root).as_posix()
+            image_id = names.of(path)
             if is_archive_name(name):
                 yield from _archive(path, image_id, select, tally)
             elif not is_image_name(name):
@@ -191,7 +236,7 @@ def _archive(path: Path, archive_id: str, select: Select, tally: Tally) -> Itera
             if not is_image_name(member.name):
                 tally.non_images += 1
                 continue
-            image_id = f"{archive_id}/{member.name}"
+            image_id = member_id(archive_id, member.name)
             if select(image_id):
                 yield Source(image_id, _member_bytes(tar, member))
     finally:

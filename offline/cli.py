@@ -12,10 +12,12 @@ Exit status: 0 all embedded; 1 some images failed; 2 bad usage; 3 the job stoppe
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from offline.job import EXIT_JOB_FAILED, EXIT_USAGE, Job, JobSpec, Resources
+from offline.job import EXIT_USAGE, Job, JobSpec, Resources
 from server.config import DTYPES, Settings
 
 POOLINGS = ("cls", "mean", "cls_mean")
@@ -37,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--pooling", default="cls", choices=POOLINGS, help="[%(default)s]")
     sub.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
     sub.add_argument("--overwrite", action="store_true", help="start again: remove what OUT_DIR holds")
-    sub.add_argument("--address", help="Ray cluster to join: auto, ray://HOST:10001, ... [a local Ray]")
+    sub.add_argument("--retry-failed", action="store_true",
+                     help="try the images that failed before again (failed forward passes always are)")  # fmt: skip
+    sub.add_argument("--address", help="Ray cluster to join: auto, ray://HOST:10001, ... "
+                                       "[a new local Ray, whatever RAY_ADDRESS says]")  # fmt: skip
     sub.add_argument("--num-cpus", type=int, help="local Ray only: CPUs it may use [all]")
     sub.add_argument("--actors", type=int, default=0, help="embed actors [one per GPU, else 1]")
     sub.add_argument("--gpus-per-actor", type=float, default=-1, help="[1 when the cluster has GPUs, else 0]")
@@ -50,26 +55,56 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_ray(local=args.address is None)
     try:
         import ray
     except ImportError:
         print("error: python -m offline needs Ray: pip install -e '.[ray]'", file=sys.stderr)
         return EXIT_USAGE
-    if args.batch_size < 1 or args.rows_per_part < 1:
-        print("error: --batch-size and --rows-per-part must be at least 1", file=sys.stderr)
+    problem = _usage_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     settings = Settings(model=args.model, revision=args.revision, dtype=args.dtype,
                         compile="on" if args.compile else "off")  # fmt: skip
     resources = Resources(actors=args.actors, gpus_per_actor=args.gpus_per_actor, threads=args.threads,
                           batch_size=args.batch_size, rows_per_part=args.rows_per_part)  # fmt: skip
-    spec = JobSpec(tuple(args.sources), args.out, settings, args.pooling, args.normalize, args.overwrite, resources)
+    spec = JobSpec(tuple(args.sources), args.out, settings, args.pooling, args.normalize, args.overwrite,
+                   args.retry_failed, resources)  # fmt: skip
+
+    def connect() -> None:
+        # "local" starts a Ray of our own: address=None would join whatever RAY_ADDRESS or the newest
+        # local cluster names, another user's work included.
+        local = args.address is None
+        ray.init(address="local" if local else args.address, num_cpus=args.num_cpus if local else None,
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
+        ray.data.DataContext.get_current().print_on_execution_start = False
+
     try:
-        ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None,
-                 include_dashboard=False, log_to_driver=False)  # fmt: skip
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        print(f"error: cannot start or join Ray ({args.address or 'local'}): {exc}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    try:
-        return Job(spec, sys.stderr).run()
+        return Job(spec, sys.stderr).run(connect)
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _quiet_ray(local: bool) -> None:
+    """Ray's messages that say nothing to the user of this command, off unless the environment asks for them.
+
+    Ray Data's progress lines (INFO); the core worker's log lines on the driver (Ray's `E` lines that
+    are warnings: a failure that matters reaches the job as an exception); and, for the local Ray this
+    command starts, the notice that token authentication is on (it stays on: the mode is set explicitly).
+    """
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    if local:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    if args.batch_size < 1 or args.rows_per_part < 1:
+        return "--batch-size and --rows-per-part must be at least 1"
+    if args.num_cpus is not None and args.address is not None:
+        return "--num-cpus is for a local Ray; a cluster named by --address has its own CPUs"
+    if args.overwrite and args.retry_failed:
+        return "--overwrite starts again: it does not go with --retry-failed"
+    return None

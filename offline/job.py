@@ -1,7 +1,10 @@
 """One run of an offline job on Ray: check OUT_DIR, skip what is written, run the stages, leave one row per id.
 
-The driver (this process) lists the inputs through Ray's reader, skipping
-every id that already has a row; the stages of offline/stages.py do the rest
+Before Ray starts, the driver checks the inputs, the model (it exists and is
+a DINOv2) and OUT_DIR, so that a mistake costs a second and writes nothing.
+It then holds OUT_DIR's lock (offline/lock.py) for the whole run, lists the
+inputs through Ray's reader, skipping every id that already has a row (kept
+as digests: offline/ledger.py); the stages of offline/stages.py do the rest
 on the cluster's workers; the driver only counts the ids and errors the
 write stage passes on. When the dataset is exhausted, `Store.finish` leaves
 exactly one row per id. A run killed at any point (the driver SIGKILLed, a
@@ -9,25 +12,30 @@ worker or a node lost) keeps every part already renamed into OUT_DIR, and the
 same command run again embeds only the ids without a row.
 
 Exit status, as the client's: 0 every image embedded; 1 some images failed
-(their rows carry the error); 2 bad usage (no such input, another job's
-OUT_DIR); 3 the job stopped (Ray or the model failed): what is written stays.
+(their rows carry the error); 2 bad usage (no such input, not a DINOv2,
+another job's OUT_DIR, OUT_DIR in use); 3 the job stopped (Ray, the model or
+the storage failed): what is written stays.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from offline import sources as inputs
 from offline.embed import EmbedActor
+from offline.ledger import DigestSet
+from offline.lock import Locked, OutLock
 from offline.manifest import Identity, Manifest, ManifestMismatch
 from offline.stages import Fault, decode_batch, limits_of, write_batch
-from offline.store import MANIFEST, Store, Tally
+from offline.store import MANIFEST, Store, StoreError, Tally
 from server.config import Settings
 from server.errors import ModelLoadError
 from server.model import Pooling
+from server.source import check_supported, locate
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 3
 
@@ -56,6 +64,7 @@ class JobSpec:
     pooling: str = "cls"
     normalize: bool = False
     overwrite: bool = False
+    retry_failed: bool = False  # failed rows are tried again (INTERNAL ones always are)
     resources: Resources = field(default_factory=Resources)
     fault: Fault | None = None  # tests only
 
@@ -93,6 +102,7 @@ class Job:
         self.spec = spec
         self.stderr = stderr
         self.store = Store(spec.out)
+        self.out = spec.out.rstrip("/") or spec.out  # as shown to the user
         self.timeline: list[tuple[float, int]] = []  # (time.monotonic(), rows) as the write stage hands them on
 
     @property
@@ -103,42 +113,67 @@ class Job:
     def say(self, text: str) -> None:
         print(text, file=self.stderr, flush=True)
 
-    def run(self) -> int:
+    def run(self, connect: Callable[[], None] = lambda: None) -> int:
+        """Checks everything it can without Ray, then `connect()`s (starts or joins Ray) and runs."""
         import ray
 
         try:
-            paths = inputs.expand(self.spec.sources)
-            Pooling(self.spec.pooling)
-        except (inputs.InputError, ValueError) as exc:
+            paths, root = self._check()
+        except (inputs.InputError, UsageError, ModelLoadError, ValueError) as exc:
             self.say(f"error: {exc}")
             return EXIT_USAGE
-        resources = self._resources()
+        except OSError as exc:
+            self.say(f"error: cannot read {self.out}: {exc}")
+            return EXIT_JOB_FAILED
         try:
+            connect()
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            self.say(f"error: cannot start or join Ray: {_first_line(exc)}")
+            return EXIT_JOB_FAILED
+        try:
+            resources = self._resources()
             described = self._probe(resources)
-            manifest = self._open(described)
-        except (UsageError, ManifestMismatch) as exc:
-            self.say(f"error: {exc}")
-            return EXIT_USAGE
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, ModelLoadError):
                 self.say(f"error: {exc.cause}")
                 return EXIT_USAGE
-            self.say(f"error: the job stopped before any work: {exc}")
+            self.say(f"error: the job stopped before any work: {_first_line(exc)}")
             return EXIT_JOB_FAILED
         except (ray.exceptions.RayError, OSError) as exc:
-            self.say(f"error: the job stopped before any work: {exc}")
+            self.say(f"error: the job stopped before any work: {_first_line(exc)}")
             return EXIT_JOB_FAILED
         try:
-            return self._run(paths, resources, described, manifest)
-        except UsageError as exc:
+            with OutLock(self.store) as lock:
+                manifest = self._open(described)
+                return self._run(paths, root, resources, described, manifest, lock.token)
+        except (UsageError, ManifestMismatch, Locked) as exc:
             self.say(f"error: {exc}")
             return EXIT_USAGE
-        except ray.exceptions.RayError as exc:
-            self.say(f"error: the job stopped: {exc}\nwhat is written stays in {self.spec.out}; "
+        except StoreError as exc:
+            self.say(f"error: {exc}")
+            return EXIT_JOB_FAILED
+        except (ray.exceptions.RayError, OSError) as exc:
+            self.say(f"error: the job stopped: {_first_line(exc)}\nwhat is written stays in {self.out}; "
                      "run the same command again to go on")  # fmt: skip
             return EXIT_JOB_FAILED
 
     # ------------------------------------------------------------------ before
+
+    def _check(self) -> tuple[list[str], str]:
+        """The inputs, the folder ids are relative to, the model and OUT_DIR, checked before Ray starts."""
+        paths = inputs.expand(self.spec.sources)
+        root = inputs.root_of(paths)
+        Pooling(self.spec.pooling)
+        settings = self.spec.settings
+        check_supported(locate(settings.model, settings.revision, settings.hub_timeout_s))
+        self._foreign_folder()
+        return paths, root
+
+    def _foreign_folder(self) -> None:
+        store = self.store
+        if not self.spec.overwrite and store.read_text(MANIFEST) is None and store.exists() and not store.is_empty():
+            raise UsageError(f"{self.out} exists and is not an offline job's folder (no {MANIFEST}); "
+                             "give --overwrite to replace what is in it, or name another folder")  # fmt: skip
 
     def _resources(self) -> Resources:
         import ray
@@ -164,36 +199,45 @@ class Job:
                         self.spec.pooling, self.spec.normalize, dim)  # fmt: skip
 
     def _open(self, described: Described) -> Manifest:
-        """The job's manifest: the one in OUT_DIR if it matches, a new one if OUT_DIR is new (or --overwrite)."""
+        """The job's manifest (under the lock): the one in OUT_DIR if it matches, else a new one.
+
+        A manifest that differs is replaced only with `--overwrite`, or when no row was written under it
+        (a start that failed): nothing would be mixed.
+        """
         identity = self._identity(described)
         store, spec = self.store, self.spec
+        self._foreign_folder()
         text = store.read_text(MANIFEST)
         if spec.overwrite:
             store.clear()
-        elif text is None and store.exists() and not store.is_empty():
-            raise UsageError(f"{spec.out} exists and is not an offline job's folder (no {MANIFEST}); "
-                             "give --overwrite to replace what is in it, or name another folder")  # fmt: skip
         elif text is not None:
-            previous = Manifest.from_text(text, f"{spec.out}/{MANIFEST}")
+            previous = Manifest.from_text(text, f"{self.out}/{MANIFEST}")
             try:
                 previous.check_resumable(identity, self.sources)
             except ManifestMismatch as exc:
-                raise ManifestMismatch(f"cannot continue {spec.out}: {exc}; give --overwrite to start again, "
-                                       "or write to another folder") from None  # fmt: skip
-            return previous
+                if store.parts():
+                    raise ManifestMismatch(f"cannot continue {self.out}: {exc}; give --overwrite to start again, "
+                                           "or write to another folder") from None  # fmt: skip
+            else:
+                return previous
+        store.remove_temporaries()
         manifest = Manifest(identity, self.sources)
         store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))
         return manifest
 
     # ------------------------------------------------------------------ the run
 
-    def _run(self, paths: list[str], resources: Resources, described: Described, manifest: Manifest) -> int:
+    def _run(self, paths: list[str], root: str, resources: Resources, described: Described,
+             manifest: Manifest, run: str) -> int:  # fmt: skip
         started = time.monotonic()
-        done = self.store.done_ids()
-        if done:
-            self.say(f"continuing {self.spec.out}: {len(done)} images written before")
-        selector = inputs.Selector(paths, done)
-        dataset = self._dataset(paths, selector, resources, described, done)
+        self.store.remove_temporaries()
+        ledger = self.store.scan()
+        done = ledger.done(self.spec.retry_failed)
+        if len(ledger):
+            self.say(f"continuing {self.out}: {len(done)} images written before")
+        selector = inputs.Selector(paths, done, root)
+        archived = ledger.done(self.spec.retry_failed, archived_only=True)
+        dataset = self._dataset(paths, root, selector, resources, described, archived, run)
         embedded, failed = 0, 0
         if dataset is not None:
             if manifest.complete:  # new files under the same sources: not complete until this run ends
@@ -204,14 +248,16 @@ class Job:
                 failed += bad
                 embedded += len(batch["error_code"]) - bad
                 self.timeline.append((time.monotonic(), len(batch["error_code"])))
-        tally = self.store.finish()
-        manifest = manifest.with_updates(complete=True, rows=tally.rows, failed=len(tally.failed))
+        before = len(done)
+        del ledger, done, archived
+        tally = self.store.finish(self.store.scan())
+        manifest = manifest.with_updates(complete=True, rows=tally.rows, failed=tally.failed)
         self.store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))
         elapsed = time.monotonic() - started
-        return self._summary(tally, manifest, elapsed, embedded, failed, len(done), selector)
+        return self._summary(tally, manifest, elapsed, embedded, failed, before, selector)
 
-    def _dataset(self, paths: list[str], selector: inputs.Selector, resources: Resources,
-                 described: Described, done: set[str]) -> Any:  # fmt: skip
+    def _dataset(self, paths: list[str], root: str, selector: inputs.Selector, resources: Resources,
+                 described: Described, done: DigestSet, run: str) -> Any:  # fmt: skip
         """The lazy Ray Dataset of the stages, or None when every listed file is done."""
         import ray
 
@@ -223,11 +269,10 @@ class Job:
                 return None
             raise UsageError(str(exc)) from None
         actor_settings = _actor_settings(settings, described)
-        archived = frozenset(i for i in done if _in_archive(i))
         decoded = files.map_batches(
             decode_batch,
             batch_size=16,
-            fn_kwargs={"image_size": described.image_size, "limits": limits_of(settings), "done": archived},
+            fn_kwargs={"image_size": described.image_size, "limits": limits_of(settings), "done": done, "root": root},
             num_cpus=1,
             # What one decode worker may take (a Python worker, the largest image allowed in RGB and gray). Declaring
             # it also keeps Ray from fusing the decode tasks into the embed actors, where decoding would wait for
@@ -253,7 +298,7 @@ class Job:
             write_batch,
             batch_size=resources.rows_per_part,
             batch_format="numpy",
-            fn_kwargs={"store": self.store, "fault": self.spec.fault},
+            fn_kwargs={"store": self.store, "run": run, "fault": self.spec.fault},
             num_cpus=0.25,
         )
 
@@ -261,25 +306,27 @@ class Job:
 
     def _summary(self, tally: Tally, manifest: Manifest, elapsed: float, embedded: int, failed: int,
                  before: int, selector: inputs.Selector) -> int:  # fmt: skip
-        rows_ok = tally.rows - len(tally.failed)
+        rows_ok = tally.rows - tally.failed
         ran = embedded + failed
-        self.say(f"embedded {rows_ok} of {tally.rows} images (dim {manifest.identity.dim}) in {elapsed:.2f} s, "
-                 f"{ran / max(elapsed, 1e-9):.1f} images/s -> {self.spec.out}")  # fmt: skip
+        rate = f", {ran / max(elapsed, 1e-9):.1f} images/s" if ran else ""
+        self.say(f"embedded {rows_ok} of {tally.rows} images (dim {manifest.identity.dim}) in {elapsed:.2f} s"
+                 f"{rate} -> {self.out}")  # fmt: skip
         details = [f"this run: {embedded} embedded, {failed} failed, {before} written before"]
         if selector.non_images:
             details.append(f"{selector.non_images} non-image files skipped")
         if tally.duplicates_removed:
             details.append(f"{tally.duplicates_removed} repeated rows of retried tasks removed")
-        if tally.unreadable_parts:
-            details.append(f"{tally.unreadable_parts} unreadable parts removed (their images are to be redone)")
+        if tally.torn_parts:
+            details.append(f"{tally.torn_parts} incomplete parts removed (their images were embedded again)")
         self.say("; ".join(details))
         if not tally.failed:
             return EXIT_OK
-        self.say(f"{len(tally.failed)} image(s) failed (rows with an error in {self.spec.out}/data):")
-        for image_id in sorted(tally.failed)[:20]:
-            self.say(f"  {image_id}: {tally.failed[image_id]}")
-        if len(tally.failed) > 20:
-            self.say(f"  ... and {len(tally.failed) - 20} more")
+        self.say(f"{tally.failed} image(s) failed (rows with an error in {self.out}/data; "
+                 "--retry-failed tries them again):")  # fmt: skip
+        for image_id, error in sorted(tally.failures):
+            self.say(f"  {image_id}: {error}")
+        if tally.failed > len(tally.failures):
+            self.say(f"  ... and {tally.failed - len(tally.failures)} more")
         return EXIT_ITEMS_FAILED
 
 
@@ -290,6 +337,6 @@ def _actor_settings(settings: Settings, described: Described) -> Settings:
     return replace(settings, dtype=described.dtype, device=settings.device)
 
 
-def _in_archive(image_id: str) -> bool:
-    lowered = image_id.lower()
-    return any(f"{suffix}/" in lowered for suffix in inputs.ARCHIVE_SUFFIXES)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

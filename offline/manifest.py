@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2  # 2: ids relative to the common folder of the sources (1: absolute paths)
 
 
 class ManifestMismatch(ValueError):
@@ -66,6 +66,10 @@ class Manifest:
     def from_text(cls, text: str, where: str) -> Manifest:
         try:
             data = json.loads(text)
+            if data.get("format") == 1:
+                raise ManifestMismatch(f"{where} was written by an earlier version, which named images by their "
+                                       "absolute paths (ids are now relative to the sources' common folder); "
+                                       "give --overwrite to start again, or write to another folder")  # fmt: skip
             if data.get("format") != FORMAT:
                 raise ManifestMismatch(f"{where} is of format {data.get('format')!r}; this version reads {FORMAT}")
             values = dict(data)

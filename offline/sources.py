@@ -8,24 +8,29 @@ before a byte is read. The selector keeps image files whose id has no row yet,
 and every tar archive (`.tar`, `.tar.gz`, ...; WebDataset shards are tar
 files), whose members are listed, and skipped when done, in the decode stage.
 
-Ids: a file's id is its path as Ray lists it (absolute for local files,
-`bucket/key` for object stores); an archive member's is `ARCHIVE/member/path`.
-Folders keep only files with an image extension or a tar suffix (the others
-are counted); a file named on the command line is always taken. Ray's listing
-skips names starting with `.` or `_`.
+Ids follow the client's rule (client/sources.py), so the same file gets the
+same id in both: a file's id is its path relative to the common folder of all
+sources (a folder counts as itself, a file or a glob as the folder it is in;
+object stores as `bucket/prefix`); an archive member's is
+`ARCHIVE_ID/member/path`, its name normalized (`./a.jpg` is `a.jpg`). Two
+different files therefore never share an id. Folders keep only files with an
+image extension or a tar suffix (the others are counted); a file named on the
+command line is always taken. Ray's listing skips names starting with `.` or `_`.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Container, Sequence
+import posixpath
+from collections.abc import Sequence
+
+from offline.ledger import ARCHIVE_SUFFIXES, DigestSet
 
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif",
     ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
 })  # fmt: skip
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
 class InputError(ValueError):
@@ -65,15 +70,59 @@ def expand(sources: Sequence[str]) -> list[str]:
     return paths
 
 
+def root_of(sources: Sequence[str]) -> str:
+    """The folder ids are relative to: the common folder of every source's own folder.
+
+    Local: an absolute path. Object stores: `bucket/prefix`, as Ray lists their keys.
+    Local sources and URIs in one job are a usage error: they have no common folder.
+    """
+    uris = [s for s in sources if is_uri(s)]
+    if uris and len(uris) != len(sources):
+        raise InputError("give local paths or URIs, not both: their ids would have no common folder")
+    anchors = [_anchor(s) for s in sources]
+    if uris:
+        return posixpath.commonpath(anchors) if len({a.split("/")[0] for a in anchors}) == 1 else ""
+    return os.path.commonpath(anchors)
+
+
+def _anchor(source: str) -> str:
+    if is_uri(source):
+        key = source.split("://", 1)[1].rstrip("/")
+        return posixpath.dirname(key) if is_image_name(key) or is_archive_name(key) else key
+    path = os.path.abspath(source)
+    if os.path.isdir(path):
+        return path
+    if any(char in source for char in "*?["):
+        head = path
+        while any(char in head for char in "*?["):
+            head = os.path.dirname(head)
+        return head
+    return os.path.dirname(path)
+
+
+def image_id(path: str, root: str) -> str:
+    """The id of a file as Ray lists it (absolute local path, or `bucket/key`)."""
+    if not root:
+        return path
+    relative = posixpath.relpath(path, root) if not os.path.isabs(path) else os.path.relpath(path, root)
+    return relative.replace(os.sep, "/")
+
+
+def member_id(archive_id: str, name: str) -> str:
+    """The id of an archive member: `./a.jpg`, `a//b.jpg` and `/a.jpg` name `a.jpg`, `a/b.jpg`, `a.jpg`."""
+    return f"{archive_id}/{posixpath.normpath(name).lstrip('/')}"
+
+
 class Selector:
     """Ray's `partition_filter`: keeps the files to read, and counts what it passed over.
 
     Called once, on the driver, with every path Ray listed.
     """
 
-    def __init__(self, named: Sequence[str], done: Container[str]) -> None:
+    def __init__(self, named: Sequence[str], done: DigestSet, root: str) -> None:
         self.named = frozenset(p for p in named if os.path.isfile(p))
         self.done = done
+        self.root = root
         self.listed = 0
         self.kept = 0
         self.skipped_done = 0
@@ -81,15 +130,18 @@ class Selector:
         self.archives = 0
 
     def __call__(self, paths: list[str]) -> list[str]:
-        kept = []
         self.listed = len(paths)
-        for path in paths:
-            if is_archive_name(path):
+        archive = [is_archive_name(p) for p in paths]
+        image = [not a and (is_image_name(p) or _local(p) in self.named) for p, a in zip(paths, archive, strict=True)]
+        done = iter(self.done.holds_ids([image_id(p, self.root) for p, i in zip(paths, image, strict=True) if i]))
+        kept = []
+        for path, is_archive, is_image in zip(paths, archive, image, strict=True):
+            if is_archive:
                 self.archives += 1
                 kept.append(path)
-            elif not (is_image_name(path) or _local(path) in self.named):
+            elif not is_image:
                 self.non_images += 1
-            elif path in self.done:
+            elif next(done):
                 self.skipped_done += 1
             else:
                 kept.append(path)

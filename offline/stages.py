@@ -11,14 +11,17 @@ PyTorch, so the decode and write workers stay small.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
-from collections.abc import Container, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from offline.sources import is_archive_name, is_image_name
+from offline.ledger import DigestSet
+from offline.lock import check_token
+from offline.sources import image_id, is_archive_name, is_image_name, member_id
 from offline.store import Store
 from server.config import Settings
 from server.errors import InvalidImage
@@ -26,6 +29,8 @@ from server.preprocess import ImageLimits, decode
 
 INVALID_ARGUMENT, INTERNAL = "INVALID_ARGUMENT", "INTERNAL"  # the gRPC service's codes for these failures
 _CHUNK_ROWS = 64  # decode output rows per yielded batch: a tar shard streams out in pieces
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,21 +79,24 @@ class _Rows:
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], image_size: int, limits: ImageLimits, done: Container[str]
+    batch: dict[str, np.ndarray], image_size: int, limits: ImageLimits, done: DigestSet, root: str
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Files (`path`, `bytes`) -> one row per image; a tar file's image members each make a row."""
+    """Files (`path`, `bytes`) -> one row per image; a tar file's image members each make a row.
+
+    `done` holds the archive members that have a row already; `root` is what ids are relative to.
+    """
     rows = _Rows(image_size)
     for path, data in zip(batch["path"], batch["bytes"], strict=True):
         if is_archive_name(path):
-            for member_id, member in _members(path, data, done):
-                if isinstance(member, str):
-                    rows.add(member_id, None, INVALID_ARGUMENT, member)
+            for member, image in _members(image_id(path, root), data, done):
+                if isinstance(image, str):
+                    rows.add(member, None, INVALID_ARGUMENT, image)
                 else:
-                    _decode_into(rows, member_id, member, limits)
+                    _decode_into(rows, member, image, limits)
                 if len(rows.ids) >= _CHUNK_ROWS:
                     yield rows.take()
         else:
-            _decode_into(rows, path, data, limits)
+            _decode_into(rows, image_id(path, root), data, limits)
             if len(rows.ids) >= _CHUNK_ROWS:
                 yield rows.take()
     if rows.ids:
@@ -100,9 +108,12 @@ def _decode_into(rows: _Rows, image_id: str, data: bytes, limits: ImageLimits) -
         rows.add(image_id, decode(bytes(data), limits, rows.size))
     except InvalidImage as exc:
         rows.add(image_id, None, INVALID_ARGUMENT, str(exc))
+    except Exception as exc:  # a decoder bug must cost this image, not its batch; a rerun tries it again
+        log.exception("decoding %s failed unexpectedly", image_id)
+        rows.add(image_id, None, INTERNAL, f"decoding failed unexpectedly: {type(exc).__name__}: {exc}")
 
 
-def _members(path: str, data: bytes, done: Container[str]) -> Iterator[tuple[str, bytes | str]]:
+def _members(archive_id: str, data: bytes, done: DigestSet) -> Iterator[tuple[str, bytes | str]]:
     """An archive's image members in archive order, as (id, bytes) or (id, why unreadable); done ones skipped.
 
     An archive that cannot be opened, or ends early, is one failure under the archive's own id.
@@ -115,18 +126,21 @@ def _members(path: str, data: bytes, done: Container[str]) -> Iterator[tuple[str
                 if not member.isfile():
                     continue
                 members += 1
-                member_id = f"{path}/{member.name}"
-                if not is_image_name(member.name) or member_id in done:
+                name = member_id(archive_id, member.name)
+                if not is_image_name(member.name) or name in done:
                     continue
                 extracted = tar.extractfile(member)
-                yield member_id, extracted.read() if extracted is not None else "archive member is not a file"
+                yield name, extracted.read() if extracted is not None else "archive member is not a file"
     except (OSError, tarfile.TarError, EOFError) as exc:
-        if path not in done:
-            yield path, f"not a readable tar archive (after {members} members): {exc}"
+        if archive_id not in done:
+            yield archive_id, f"not a readable tar archive (after {members} members): {exc}"
 
 
-def write_batch(batch: dict[str, np.ndarray], store: Store, fault: Fault | None = None) -> dict[str, np.ndarray]:
-    """Writes the batch as one part of OUT_DIR; passes on only ids and errors (the driver counts them)."""
+def write_batch(
+    batch: dict[str, np.ndarray], store: Store, run: str, fault: Fault | None = None
+) -> dict[str, np.ndarray]:
+    """Writes the batch as one part of OUT_DIR, if the run `run` still holds it; passes on only ids and errors."""
+    check_token(store, run)
     store.write_part(
         [str(i) for i in batch["id"]],
         np.asarray(batch["embedding"], dtype=np.float32),

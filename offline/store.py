@@ -1,17 +1,21 @@
 """OUT_DIR: the manifest and the Parquet parts, written so that a retried or killed writer is harmless.
 
-    OUT_DIR/manifest.json             what the rows were embedded with (offline/manifest.py)
-    OUT_DIR/data/part-<key>.parquet   id, embedding (float32 [dim], null when failed), error_code, error
+    OUT_DIR/manifest.json                   what the rows were embedded with (offline/manifest.py)
+    OUT_DIR/lock.json                       the run writing OUT_DIR now (offline/lock.py)
+    OUT_DIR/data/part-<key>-<size>.parquet  id, embedding (float32 [dim], null when failed), error_code, error
 
 OUT_DIR is a local folder (on a cluster: one every node mounts) or a URI
 pyarrow opens (`s3://bucket/out`). A part is written under a temporary name
 and renamed (an object store's PUT is atomic anyway), so it exists whole or
 not at all: a SIGKILL at any moment loses only rows not yet renamed, and the
 next run embeds those again. `<key>` hashes the part's ids, so a retried
-write task with the same rows writes the same file again. An id can still
-end up in two parts (a task retried with its rows batched differently, a
-failure retried by another run); `Store.finish` keeps one row per id, a
-success before a failure, by rewriting the parts that hold the others.
+write task with the same rows writes the same file again; `<size>` is its
+length in bytes, so a part that is known to be incomplete can be told from
+one that a storage error kept from being read. Nothing in OUT_DIR is removed
+for any other reason but `--overwrite`. An id can still end up in two parts
+(a task retried with its rows batched differently, a failure retried by
+another run); `Store.finish` keeps one row per id, a success before a
+failure, by rewriting the parts that hold the others (offline/ledger.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from offline.ledger import Keep, Ledger
+
 MANIFEST = "manifest.json"
+LOCK = "lock.json"
 DATA = "data"
 
 
@@ -39,14 +46,19 @@ def part_schema(dim: int) -> pa.Schema:
     ])  # fmt: skip
 
 
+class StoreError(OSError):
+    """OUT_DIR cannot be read or written: the job stops, and keeps everything."""
+
+
 @dataclass(frozen=True)
 class Tally:
     """What the parts hold, one row per id once `finish` ran."""
 
     rows: int
-    failed: dict[str, str]  # id -> "CODE: message"
+    failed: int
+    failures: list[tuple[str, str]]  # up to 20 (id, "CODE: message")
     duplicates_removed: int = 0
-    unreadable_parts: int = 0
+    torn_parts: int = 0
 
 
 class Store:
@@ -55,6 +67,7 @@ class Store:
     def __init__(self, out: str) -> None:
         self.out = out
         self._fs: pafs.FileSystem | None = None
+        self.torn = 0  # parts `scan` found incomplete and removed
 
     def __getstate__(self) -> dict[str, str]:
         return {"out": self.out}
@@ -83,8 +96,9 @@ class Store:
         return self.fs.get_file_info(self.path()).type != pafs.FileType.NotFound
 
     def is_empty(self) -> bool:
+        """Whether OUT_DIR holds nothing but, perhaps, a lock file."""
         selector = pafs.FileSelector(self.path(), allow_not_found=True)
-        return not self.fs.get_file_info(selector)
+        return all(i.path.rsplit("/", 1)[-1] == LOCK for i in self.fs.get_file_info(selector))
 
     # ------------------------------------------------------------------ files
 
@@ -141,65 +155,89 @@ class Store:
             ],
             schema=part_schema(dim),
         )
-        key = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()[:20]
-        name = f"{DATA}/part-{key}.parquet"
+        return self._commit(table)
+
+    def _commit(self, table: pa.Table) -> str:
+        """Writes `table` as a part named by its ids (a retried task rewrites the same file) and its size."""
+        key = hashlib.sha1("\n".join(table.column("id").to_pylist()).encode("utf-8")).hexdigest()[:20]
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        self.write_atomic(name, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        name = f"{DATA}/part-{key}-{len(data)}.parquet"
+        self.write_atomic(name, data)
         return name
 
-    def read_ids(self, columns: tuple[str, ...] = ("id", "error_code")) -> tuple[dict[str, pa.Table], int]:
-        """Each readable part's `columns`; a part that cannot be read (a torn write on a dead disk) is removed."""
-        tables: dict[str, pa.Table] = {}
-        unreadable = 0
+    def scan(self) -> Ledger:
+        """Every committed part's ids and outcomes, one part in memory at a time.
+
+        A part whose size differs from the size in its name is known to be
+        incomplete: it is removed, and its images are embedded again. Any
+        other failure to read a part stops the job with `StoreError`, and
+        nothing is removed: a passing storage error must not cost rows.
+        """
+        ledger = Ledger()
+        self.torn = 0
         for path in self.parts():
-            try:
-                tables[path] = pq.read_table(path, columns=list(columns), filesystem=self.fs)
-            except (OSError, pa.ArrowException):
+            if self._torn(path):
                 self.fs.delete_file(path)
-                unreadable += 1
-        return tables, unreadable
-
-    def done_ids(self) -> set[str]:
-        """Ids that have a row, a failure included (a rerun does not try them again)."""
-        tables, _ = self.read_ids(("id",))
-        return {i for table in tables.values() for i in table.column("id").to_pylist()}
-
-    def finish(self) -> Tally:
-        """Leaves one row per id (a success before a failure, else the first part's) and counts them."""
-        tables, unreadable = self.read_ids(("id", "error_code", "error"))
-        rows = {path: _rows(table) for path, table in tables.items()}
-        keeper: dict[str, tuple[str, bool]] = {}  # id -> (part, succeeded)
-        for path, part in rows.items():
-            for image_id, code, _ in part:
-                held = keeper.get(image_id)
-                if held is None or (code is None and not held[1]):
-                    keeper[image_id] = (path, code is None)
-        removed = 0
-        for path, part in rows.items():
-            seen: set[str] = set()  # an id twice in one part (written twice in one batch) is kept once
-            keep = []
-            for image_id, code, _ in part:
-                kept = keeper[image_id] == (path, code is None) and image_id not in seen
-                keep.append(kept)
-                if kept:
-                    seen.add(image_id)
-            if all(keep):
+                self.torn += 1
                 continue
-            removed += keep.count(False)
-            if any(keep):
-                sink = pa.BufferOutputStream()
-                pq.write_table(pq.read_table(path, filesystem=self.fs).filter(pa.array(keep)), sink)
-                self.write_atomic(path[len(self.path()) + 1 :], sink.getvalue().to_pybytes())
+            try:
+                table = pq.read_table(path, columns=["id", "error_code"], filesystem=self.fs)
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(f"cannot read {path}: {exc}; nothing was removed: fix the storage (or move that "
+                                 "part away) and run the same command again") from None  # fmt: skip
+            ledger.add(path, table)
+        return ledger
+
+    def _torn(self, path: str) -> bool:
+        """Whether the part's size contradicts the size its name records (names without one never are)."""
+        stem = path.rsplit("/", 1)[-1].removesuffix(".parquet")
+        _, _, size = stem.partition("-")[2].partition("-")
+        if not size.isdigit():
+            return False
+        try:
+            return self.fs.get_file_info(path).size != int(size)
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}; nothing was removed: run the same command again") from None
+
+    def remove_temporaries(self) -> int:
+        """Removes what writers that died left under temporary names (call only while holding the lock)."""
+        selector = pafs.FileSelector(self.path(DATA), allow_not_found=True)
+        stray = [i.path for i in self.fs.get_file_info(selector) if i.path.endswith(".tmp")]
+        for path in stray:
+            self.fs.delete_file(path)
+        return len(stray)
+
+    def finish(self, ledger: Ledger) -> Tally:
+        """Leaves one row per id (a success before a failure, else the first part's) and counts them."""
+        keep = ledger.keep()
+        failures = self._failures(ledger, keep) if keep.failed else []
+        for index, mask in keep.masks.items():
+            path = ledger.parts[index]
+            if mask.any():
+                table = pq.read_table(path, filesystem=self.fs).filter(pa.array(mask))
+                self._replace(path, table)
             else:
                 self.fs.delete_file(path)
-        failed = {
-            image_id: f"{code}: {error}"
-            for part in rows.values()
-            for image_id, code, error in part
-            if code is not None and not keeper[image_id][1]
-        }
-        return Tally(len(keeper), failed, removed, unreadable)
+        return Tally(keep.rows, keep.failed, failures, keep.removed, self.torn)
+
+    def _replace(self, path: str, table: pa.Table) -> None:
+        """Writes a part's kept rows under a new name, then removes the old part: a crash between keeps both."""
+        self._commit(table)
+        self.fs.delete_file(path)
+
+    def _failures(self, ledger: Ledger, keep: Keep, limit: int = 20) -> list[tuple[str, str]]:
+        """(id, "CODE: message") of up to `limit` images whose kept row is a failure."""
+        found: list[tuple[str, str]] = []
+        for index in ledger.failing_parts():
+            table = pq.read_table(ledger.parts[index], columns=["id", "error_code", "error"], filesystem=self.fs)
+            if index in keep.masks:
+                table = table.filter(pa.array(keep.masks[index]))
+            found.extend((i, f"{c}: {e}") for i, c, e in _rows(table) if c is not None)
+            if len(found) >= limit:
+                break
+        return found[:limit]
 
 
 def _rows(table: pa.Table) -> list[tuple[str, str | None, str | None]]:

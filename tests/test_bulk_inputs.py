@@ -63,10 +63,10 @@ def test_listing_order_ids_and_skipped_non_images(tmp_path: Path, monkeypatch: p
     ids, tally = listed(inputs)
     assert ids == [
         "loose.webp",
-        "a.png", "b.png", "shard.tar/k/0.png", "sub/c.jpg",  # the folder: sorted, the archive in its place
+        "z/a.png", "z/b.png", "z/shard.tar/k/0.png", "z/sub/c.jpg",  # the folder: sorted, the archive in place
         "g/1.png", "g/2.png",  # glob matches, sorted
         "w.tar.gz/000000.jpg", "w.tar.gz/000001.jpg",  # members in archive order
-        "loose.webp", "a.png", "b.png", "shard.tar/k/0.png", "sub/c.jpg", "w.tar.gz/000000.jpg",
+        "loose.webp", "z/a.png", "z/b.png", "z/shard.tar/k/0.png", "z/sub/c.jpg", "w.tar.gz/000000.jpg",
         "w.tar.gz/000001.jpg",  # the list file's lines, expanded the same way
     ]  # fmt: skip
     assert tally.non_images == 2 * (1 + 1 + 4) + 1  # notes.txt, k/0.json, 2x(.json, .cls); and g/x.txt once
@@ -85,11 +85,11 @@ def test_tar_members_are_embedded_repeats_once_and_a_bad_archive_is_one_failure(
     code, _, stderr = run("embed", str(tmp_path / "0*.tar"), str(first), "--server", server.address, "-o", str(out))
     assert code == 1, stderr
     ids, rows = read_npy(out)
-    assert ids == [f"{first}/{k:06d}.jpg" for k in range(5)] + [f"{second}/{k:06d}.jpg" for k in range(5, 8)]
+    assert ids == [f"{first.name}/{k:06d}.jpg" for k in range(5)] + [f"{second.name}/{k:06d}.jpg" for k in range(5, 8)]
     assert_close(rows[2], reference.embed(members["000002.jpg"]), "tar member")
     assert "26 non-image files skipped" in stderr and "5 inputs skipped as repeats" in stderr
     failed = [json.loads(line) for line in failures_path(out).read_text().splitlines()]
-    assert [(f["id"], f["code"]) for f in failed] == [(str(broken), "INVALID_ARGUMENT")]
+    assert [(f["id"], f["code"]) for f in failed] == [(broken.name, "INVALID_ARGUMENT")]
     assert "not a readable tar archive" in failed[0]["message"]
 
 
