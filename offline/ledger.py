@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 DIGEST = np.dtype("S16")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+_ARCHIVE_MEMBER = r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)/"
 INTERNAL = "INTERNAL"  # a forward pass that failed: not the image's fault, tried again by every run
 
 
@@ -77,13 +79,13 @@ class Ledger:
 
     def add(self, part: str, table: pa.Table) -> None:
         """One part's `id` and `error_code` columns."""
-        codes = table.column("error_code").to_numpy(zero_copy_only=False)
+        ids, codes = table.column("id"), table.column("error_code")
         self.parts.append(part)
-        self._digests.append(digests(table.column("id").to_numpy(zero_copy_only=False)))
-        self._ok.append(np.array([c is None for c in codes], bool))
-        self._retry.append(np.array([c == INTERNAL for c in codes], bool))
-        ids = table.column("id").to_pylist()
-        self._archived.append(np.array([_in_archive(i) for i in ids], bool))
+        self._digests.append(digests(ids.to_pylist()))
+        self._ok.append(pc.is_null(codes).to_numpy(zero_copy_only=False))
+        self._retry.append(pc.fill_null(pc.equal(codes, INTERNAL), False).to_numpy(zero_copy_only=False))
+        archived = pc.match_substring_regex(ids, _ARCHIVE_MEMBER, ignore_case=True)
+        self._archived.append(archived.to_numpy(zero_copy_only=False))
 
     def __len__(self) -> int:
         return sum(len(d) for d in self._digests)
@@ -97,35 +99,42 @@ class Ledger:
 
         `archived_only`: only archive members (what the decode tasks need).
         """
-        if not self._digests:
-            return DigestSet(np.empty(0, DIGEST))
-        skip = np.concatenate(self._ok) | ~(np.concatenate(self._retry) | retry_failed)
-        if archived_only:
-            skip &= np.concatenate(self._archived)
-        return DigestSet(np.unique(np.concatenate(self._digests)[skip]))
+        chosen = []
+        for digest, ok, retry, archived in zip(self._digests, self._ok, self._retry, self._archived, strict=True):
+            skip = ok | ~(retry | retry_failed)
+            chosen.append(digest[skip & archived if archived_only else skip])
+        found = np.concatenate(chosen) if chosen else np.empty(0, DIGEST)
+        found.sort()  # repeats stay: membership by binary search does not mind them
+        return DigestSet(found)
 
     def keep(self) -> Keep:
-        """One row per id: the first success, else the first failure (parts in order, rows in order)."""
-        if not self._digests:
-            return Keep({}, 0, 0, 0)
-        digest = np.concatenate(self._digests)
-        ok = np.concatenate(self._ok)
-        order = np.lexsort((~ok, digest))  # stable: within an id, successes first, then in part and row order
-        first = np.ones(len(order), bool)
-        first[1:] = digest[order][1:] != digest[order][:-1]
-        kept = np.zeros(len(order), bool)
-        kept[order[first]] = True
+        """One row per id: the first success, else the first failure (parts in order, rows in order).
+
+        Most ids have one row: only the rows of ids seen more than once are ordered, so the pass
+        needs about 16 bytes a row beyond the ledger.
+        """
+        everything = np.concatenate(self._digests) if self._digests else np.empty(0, DIGEST)
+        everything.sort()
+        again = everything[1:] == everything[:-1]
+        repeated = DigestSet(np.unique(everything[1:][again]))
+        rows = len(everything) - int(again.sum())
+        del everything, again
+        digest, failed, part, row = [], [], [], []
+        for index, (digests_of_part, ok) in enumerate(zip(self._digests, self._ok, strict=True)):
+            at = np.flatnonzero(repeated.holds(digests_of_part))
+            digest.append(digests_of_part[at])
+            failed.append(~ok[at])
+            part.append(np.full(len(at), index, np.int32))
+            row.append(at)
         masks: dict[int, np.ndarray] = {}
-        start = 0
-        for index, rows in enumerate(self._digests):
-            mask = kept[start : start + len(rows)]
-            if not mask.all():
-                masks[index] = mask.copy()
-            start += len(rows)
-        rows = int(first.sum())
-        return Keep(masks, rows, int((kept & ~ok).sum()), len(order) - rows)
-
-
-def _in_archive(image_id: str) -> bool:
-    lowered = image_id.lower()
-    return any(f"{suffix}/" in lowered for suffix in ARCHIVE_SUFFIXES)
+        if len(repeated):
+            keys = [np.concatenate(a) for a in (row, part, failed, digest)]
+            order = np.lexsort(keys)  # by digest, then successes first, then part and row: the kept row leads
+            sorted_digest = keys[3][order]
+            dropped = np.zeros(len(order), bool)
+            dropped[1:] = sorted_digest[1:] == sorted_digest[:-1]
+            for index, at in zip(keys[1][order][dropped], keys[0][order][dropped], strict=True):
+                masks.setdefault(int(index), np.ones(len(self._digests[index]), bool))[at] = False
+        removed = sum(int((~m).sum()) for m in masks.values())
+        failed_kept = sum(int((~ok & masks.get(i, True)).sum()) for i, ok in enumerate(self._ok))
+        return Keep(masks, rows, failed_kept, removed)

@@ -6,6 +6,7 @@ runs the CLI in a process of its own, which starts its own Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from offline.job import EXIT_ITEMS_FAILED, EXIT_USAGE, Job, JobSpec, Resources
+from offline.lock import OutLock
 from offline.stages import Fault
 from offline.store import Store
 from protos.dinov2.v1 import embed_pb2
@@ -46,7 +48,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, b
         path = root / f"set{n % 3}" / f"img{n:03d}.png"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(images.png(40 + n % 50, 30 + n % 40, seed=n))
-        by_id[str(path)] = path.read_bytes()
+        by_id[path.relative_to(root).as_posix()] = path.read_bytes()
     shard = root / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
         members = [(f"sample{n:03d}.jpg", images.jpeg(64, 48, seed=1000 + n)) for n in range(50)]
@@ -55,12 +57,12 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, b
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-            by_id[f"{shard}/{name}"] = data
+            by_id[f"{shard.name}/{name}"] = data
     for name, data in {"truncated.png": images.png(64, 48)[:60], "text.jpg": b"hello, not an image"}.items():
         path = root / "broken" / name
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
-        by_id[str(path)] = data
+        by_id[f"broken/{name}"] = data
     (root / "broken" / "notes.txt").write_text("not an image: skipped")
     return root, by_id
 
@@ -249,17 +251,75 @@ def test_driver_sigkilled_half_way_then_run_again_finishes_without_redoing_or_re
     assert all(after.get(name) == stamp for name, stamp in killed_at.items()), "finished parts were rewritten"
 
 
-def test_store_finish_keeps_one_row_per_id_a_success_before_a_failure(tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "out"))
-    vec = np.arange(4, dtype=np.float32)[None, :]
-    store.write_part(["a", "b"], np.vstack([vec, vec]), ["", "INVALID_ARGUMENT"], ["", "bad"])
-    store.write_part(["b", "c", "a"], np.vstack([vec, vec, vec]), ["", "", ""], ["", "", ""])
-    store.write_part(["c", "c"], np.vstack([vec, vec]), ["", ""], ["", ""])
-    tally = store.finish()
-    table = pq.read_table(tmp_path / "out" / "data")
-    rows = sorted((r["id"], r["error_code"]) for r in table.to_pylist())
-    assert rows == [("a", None), ("b", None), ("c", None)]
-    assert tally.rows == 3 and tally.failed == {} and tally.duplicates_removed == 4
+def test_same_names_in_two_folders_stay_apart_and_a_rerun_retries_what_it_should(
+    local_ray: None, model_dir: Path, tmp_path: Path
+) -> None:
+    for split, seed in (("train", 0), ("val", 50)):
+        (tmp_path / split).mkdir()
+        for n in range(3):
+            (tmp_path / split / f"{n}.png").write_bytes(images.png(40, 30, seed=seed + n))
+    (tmp_path / "val" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    spec = _spec(tmp_path / "train", out, model_dir, sources=(str(tmp_path / "train"), str(tmp_path / "val")))
+    status, report = _run(spec)
+    assert status == EXIT_ITEMS_FAILED, report
+    rows = {r["id"]: r for r in _rows(out).to_pylist()}
+    assert sorted(rows) == ["train/0.png", "train/1.png", "train/2.png", "val/0.png", "val/1.png", "val/2.png",
+                            "val/bad.png"]  # fmt: skip
+    assert rows["train/0.png"]["embedding"] != rows["val/0.png"]["embedding"]
+
+    # A forward pass that failed (INTERNAL) is tried again by a plain rerun; a bad image only with retry_failed.
+    table = _rows(out)
+    codes = ["INTERNAL" if i == "train/1.png" else c for i, c in zip(table["id"].to_pylist(),
+                                                                     table["error_code"].to_pylist(), strict=True)]
+    for part in _parts(out):
+        part.unlink()
+    Store(str(out)).write_part(table["id"].to_pylist(), np.zeros((len(codes), 32), np.float32),
+                               [c or "" for c in codes], ["x" if c else "" for c in codes])  # fmt: skip
+    status, report = _run(spec)
+    assert status == EXIT_ITEMS_FAILED and "this run: 1 embedded, 0 failed" in report, report
+    assert "--retry-failed tries them again" in report
+    status, report = _run(dataclasses.replace(spec, retry_failed=True))
+    assert status == EXIT_ITEMS_FAILED and "this run: 0 embedded, 1 failed" in report, report
+    after = {r["id"]: r for r in _rows(out).to_pylist()}
+    assert after["train/1.png"]["error_code"] is None and after["train/1.png"]["embedding"] == rows["train/1.png"][
+        "embedding"]  # fmt: skip
+    assert len(after) == 7
+
+    with OutLock(Store(str(out))):
+        status, report = _run(spec)
+    assert status == EXIT_USAGE and f"{out} is in use by run" in report, report
+
+
+def test_a_wrong_model_writes_nothing_and_a_local_ray_ignores_ray_address(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.test_source import vit_dir
+
+    (tmp_path / "photos").mkdir()
+    for n in range(3):
+        (tmp_path / "photos" / f"{n}.png").write_bytes(images.png(seed=n))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "offline", "embed", str(tmp_path / "photos"), "-o", str(out), "--num-cpus", "2"]
+    wrong = subprocess.run([*command, "--model", str(vit_dir(tmp_path / "vit"))], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert wrong.returncode == EXIT_USAGE
+    assert wrong.stderr.strip().splitlines() == [wrong.stderr.strip()] and "model_type is 'vit'" in wrong.stderr
+    assert not out.exists()
+
+    # A RAY_ADDRESS of a cluster that is not there: joining it would fail; a local Ray of its own does not.
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", WORKER_NICENESS: "0"}
+    right = subprocess.Popen([*command, "--model", str(model_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = right.communicate(timeout=600)
+    finally:
+        right.kill()
+        _kill_session(right.pid)
+    assert right.returncode == 0, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-2].startswith("embedded 3 of 3 images") and lines[-1].startswith("this run: 3 embedded"), lines
+    assert len(lines) <= 3, lines  # the summary, and at most Ray's own line about its log level
 
 
 # ---------------------------------------------------------------------- helpers
