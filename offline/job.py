@@ -218,6 +218,8 @@ class Job:
                 if store.parts():
                     raise ManifestMismatch(f"cannot continue {self.out}: {exc}; give --overwrite to start again, "
                                            "or write to another folder") from None  # fmt: skip
+                self.say(f"{self.out}: no row was written under its manifest ({previous.identity.describe()}); "
+                         "starting again")  # fmt: skip
             else:
                 return previous
         store.remove_temporaries()
@@ -231,14 +233,13 @@ class Job:
              manifest: Manifest, run: str) -> int:  # fmt: skip
         started = time.monotonic()
         self.store.remove_temporaries()
-        ledger = self.store.scan()
-        done = ledger.done(self.spec.retry_failed)
-        if len(ledger):
+        done = self.store.scan().done(self.spec.retry_failed)  # 16 bytes a done id, all the run holds of them
+        if len(done):
             self.say(f"continuing {self.out}: {len(done)} images written before")
         selector = inputs.Selector(paths, done, root)
-        archived = ledger.done(self.spec.retry_failed, archived_only=True)
-        dataset = self._dataset(paths, root, selector, resources, described, archived, run)
-        embedded, failed = 0, 0
+        dataset = self._dataset(paths, root, selector, resources, described, done, run)
+        embedded, failed, before = 0, 0, len(done)
+        del done
         if dataset is not None:
             if manifest.complete:  # new files under the same sources: not complete until this run ends
                 manifest = manifest.with_updates(complete=False)
@@ -248,8 +249,8 @@ class Job:
                 failed += bad
                 embedded += len(batch["error_code"]) - bad
                 self.timeline.append((time.monotonic(), len(batch["error_code"])))
-        before = len(done)
-        del ledger, done, archived
+        del dataset
+        selector.done = DigestSet.of([])  # the ledger of `finish` takes its place
         tally = self.store.finish(self.store.scan())
         manifest = manifest.with_updates(complete=True, rows=tally.rows, failed=tally.failed)
         self.store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))

@@ -3,7 +3,7 @@
 A job of 10^8 images cannot hold its ids as Python strings on the driver
 (200-300 bytes each). The ledger reads the parts one at a time and keeps per
 row, in part and row order, only a 128-bit digest of the id (BLAKE2b) and
-three flags: about 20 bytes a row, in numpy arrays. Two different ids share
+two flags: 18 bytes a row, in numpy arrays. Two different ids share
 a digest with probability about n^2 / 2^129 (10^-22 at 10^8 rows), so
 digests stand in for ids.
 """
@@ -20,7 +20,6 @@ import pyarrow.compute as pc
 
 DIGEST = np.dtype("S16")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-_ARCHIVE_MEMBER = r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)/"
 INTERNAL = "INTERNAL"  # a forward pass that failed: not the image's fault, tried again by every run
 
 
@@ -68,14 +67,13 @@ class Keep:
 
 
 class Ledger:
-    """Per row of every part, in part and row order: digest, succeeded, retried by every run, in an archive."""
+    """Per row of every part, in part and row order: digest, succeeded, retried by every run."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
         self._digests: list[np.ndarray] = []
         self._ok: list[np.ndarray] = []
         self._retry: list[np.ndarray] = []
-        self._archived: list[np.ndarray] = []
 
     def add(self, part: str, table: pa.Table) -> None:
         """One part's `id` and `error_code` columns."""
@@ -84,8 +82,6 @@ class Ledger:
         self._digests.append(digests(ids.to_pylist()))
         self._ok.append(pc.is_null(codes).to_numpy(zero_copy_only=False))
         self._retry.append(pc.fill_null(pc.equal(codes, INTERNAL), False).to_numpy(zero_copy_only=False))
-        archived = pc.match_substring_regex(ids, _ARCHIVE_MEMBER, ignore_case=True)
-        self._archived.append(archived.to_numpy(zero_copy_only=False))
 
     def __len__(self) -> int:
         return sum(len(d) for d in self._digests)
@@ -94,15 +90,11 @@ class Ledger:
         """Indices of the parts that hold a failed row."""
         return [i for i, ok in enumerate(self._ok) if not ok.all()]
 
-    def done(self, retry_failed: bool, archived_only: bool = False) -> DigestSet:
-        """Ids a run skips: those with a success, and (unless `retry_failed`) a failure a rerun would repeat.
-
-        `archived_only`: only archive members (what the decode tasks need).
-        """
+    def done(self, retry_failed: bool) -> DigestSet:
+        """Ids a run skips: those with a success, and (unless `retry_failed`) a failure a rerun would repeat."""
         chosen = []
-        for digest, ok, retry, archived in zip(self._digests, self._ok, self._retry, self._archived, strict=True):
-            skip = ok | ~(retry | retry_failed)
-            chosen.append(digest[skip & archived if archived_only else skip])
+        for digest, ok, retry in zip(self._digests, self._ok, self._retry, strict=True):
+            chosen.append(digest[ok | ~(retry | retry_failed)])
         found = np.concatenate(chosen) if chosen else np.empty(0, DIGEST)
         found.sort()  # repeats stay: membership by binary search does not mind them
         return DigestSet(found)
