@@ -5,7 +5,8 @@
 
 OUT_DIR gets `manifest.json` and `data/part-*.parquet` (columns id, embedding,
 error_code, error: one row per image, a failed image's row has an error and no
-embedding). Running the same command again embeds only what has no row yet.
+embedding). Running the same command again embeds only what has no row yet (and
+images whose forward pass failed; the others that failed with --retry-failed).
 Exit status: 0 all embedded; 1 some images failed; 2 bad usage; 3 the job stopped.
 """
 
