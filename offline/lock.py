@@ -8,8 +8,8 @@ driver takes OUT_DIR/lock.json before it reads or writes anything there:
   kernel releases when the driver dies however it dies: a stale lock is
   simply one nobody holds;
 - on an object store, where nothing can hold a file, the file is a lease: the
-  driver rewrites it every `HEARTBEAT_S`, and a lease not renewed for
-  `STALE_S` belongs to a driver that is gone.
+  driver rewrites it every `HEARTBEAT_S` and removes it when it ends, and a
+  lease not renewed for `STALE_S` belongs to a driver that is gone.
 
 Each write task compares the lock's run token with its own before renaming a
 part into place, so the stray tasks of a run that lost the lock add nothing.
@@ -69,6 +69,11 @@ class OutLock:
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
+            try:
+                check_token(self.store, self.token)
+            except LockLost:
+                return  # taken over after going stale: the file is the new holder's
+            self.store.fs.delete_file(self.store.path(LOCK))
         if self._file is not None:
             self._file.close()  # releases the flock; the file stays (deleting it would race a new holder)
             self._file = None

@@ -134,3 +134,6 @@ def test_a_lease_on_an_object_store_is_refused_while_fresh_and_taken_over_when_s
         assert json.loads((tmp_path / "out" / locks.LOCK).read_text())["run"] == taker.token
         with pytest.raises(LockLost):
             check_token(store, "a" * 32)
+    assert not (tmp_path / "out" / locks.LOCK).exists()  # a run that ended leaves no lease behind
+    with OutLock(store, lease=True):
+        pass
