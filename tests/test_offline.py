@@ -24,6 +24,7 @@ import pytest
 
 from offline.job import EXIT_ITEMS_FAILED, EXIT_USAGE, Job, JobSpec, Resources
 from offline.lock import OutLock
+from offline.manifest import Identity, Manifest
 from offline.stages import Fault
 from offline.store import Store
 from protos.dinov2.v1 import embed_pb2
@@ -260,9 +261,13 @@ def test_same_names_in_two_folders_stay_apart_and_a_rerun_retries_what_it_should
             (tmp_path / split / f"{n}.png").write_bytes(images.png(40, 30, seed=seed + n))
     (tmp_path / "val" / "bad.png").write_bytes(b"not a png")
     out = tmp_path / "out"
+    # A start that failed left a manifest of another model and no row: it does not block this run.
+    failed_start = Manifest(Identity("some/vit", "", "float32", 768, "cls", False, 768), ("elsewhere",))
+    Store(str(out)).write_atomic("manifest.json", failed_start.to_text().encode())
     spec = _spec(tmp_path / "train", out, model_dir, sources=(str(tmp_path / "train"), str(tmp_path / "val")))
     status, report = _run(spec)
     assert status == EXIT_ITEMS_FAILED, report
+    assert "no row was written under its manifest (some/vit (float32, pooling cls)); starting again" in report
     rows = {r["id"]: r for r in _rows(out).to_pylist()}
     assert sorted(rows) == ["train/0.png", "train/1.png", "train/2.png", "val/0.png", "val/1.png", "val/2.png",
                             "val/bad.png"]  # fmt: skip
