@@ -18,6 +18,7 @@ are cached per (input size, output size, device).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import PIL
@@ -47,6 +48,14 @@ def vertical_first(in_size: tuple[int, int], out_size: tuple[int, int], major: i
     major = pillow_major() if major is None else major
     (in_w, in_h), (out_w, out_h) = in_size, out_size
     return major >= 13 and in_h > out_h and (in_h - out_h) > 2 * (in_w - out_w)
+
+
+def placement(resize_on: str, device: torch.device) -> str:
+    """`--resize-on` resolved for the model's device: auto is the device on CUDA, and the decode
+    workers on a CPU, where the device resize would only move CPU work onto the compute thread."""
+    if resize_on != "auto":
+        return resize_on
+    return "device" if device.type == "cuda" else "workers"
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -117,3 +126,20 @@ def resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if vertical:
         x = _clip(_matrix(in_h, out_h, pixels.device) @ x)
     return x.to(torch.uint8)
+
+
+def resize_batch(images: Sequence[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
+    """uint8 [H, W] images of any sizes -> uint8 [B, size, size] on `device`, each resized as Pillow would.
+
+    Images of one size are copied and resized together (one pair of matrix
+    products); those already at `size` are copied as they are.
+    """
+    out = torch.empty((len(images), size, size), dtype=torch.uint8, device=device)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(index)
+    for (height, width), indices in by_shape.items():
+        group = torch.from_numpy(np.stack([images[i] for i in indices])).to(device)
+        rows = torch.tensor(indices, device=device)
+        out[rows] = group if (height, width) == (size, size) else resize(group, (size, size))
+    return out
