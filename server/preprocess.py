@@ -181,7 +181,7 @@ class Budget(Protocol):
     def hold(self, pixels: int) -> AbstractContextManager[None]: ...
 
 
-FAST_DRAFT_FACTOR = 2
+FAST_DRAFT_FACTOR: float = 2
 """`--decode fast` asks the JPEG decoder for the smallest DCT scale (1/2, 1/4, 1/8) that keeps the image
 at least this many times the model's input size on each side; chosen by measurement (BENCHMARKS.md)."""
 
@@ -208,7 +208,7 @@ def decode(
     copy is made (or, at full size, until they are handed back).
     """
     img = open_image(data, limits)
-    side = FAST_DRAFT_FACTOR * image_size
+    side = int(FAST_DRAFT_FACTOR * image_size)
     if fast and min(img.width, img.height) >= 2 * side:  # a smaller DCT scale exists
         with _decoding_errors(data, limits):
             img.draft("L", (side, side))  # JPEG only; other formats ignore it
