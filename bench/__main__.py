@@ -76,11 +76,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only the host path: decode rate per thread vs the server's rate with the null model",
     )
-    p.add_argument("--capacity", action="store_true",
-                   help="--host-path: CPU per image and a 16-CPU machine's feed rate per input, placement and mode")
-    p.add_argument("--fast-fidelity", action="store_true",
-                   help="only --decode fast against exact on the photographs of --photos-dir: CPU and cosine")
-    p.add_argument("--photos-dir", help="--fast-fidelity: a folder of PNG/JPEG photographs (e.g. skimage/data)")
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="--host-path: CPU per image and a 16-CPU machine's feed rate per input, placement and mode",
+    )
+    p.add_argument(
+        "--fast-fidelity",
+        action="store_true",
+        help="only --decode fast against exact on the photographs of --photos-dir: CPU and cosine",
+    )
+    p.add_argument("--photos-dir", help="--fast-fidelity, --capacity: a folder of PNG/JPEG photographs (skimage/data)")
     p.add_argument("--server-tree", help="--host-path: run `python -m server` (and its decode) from this checkout")
     p.add_argument("--decode-seconds", type=float, default=5.0, help="--host-path: decode seconds per round")
     p.add_argument("--null-threads", type=int, default=1,

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench import driver, machine
+from bench import driver, fidelity, machine
 from bench.host_path import CPU_PARTS, _part, log
 from bench.images import gray_pngs
 from bench.server_proc import ServerProcess, thread_cpu_seconds
@@ -53,11 +54,23 @@ INPUTS: dict[str, tuple[Callable[[int], list[bytes]], int, int]] = {
 }
 
 
+def from_photos(folder: str) -> dict[str, tuple[Callable[[int], list[bytes]], int, int]]:
+    """INPUTS with the JPEGs made from the photographs in `folder` (bench/fidelity.py): color, quality 90."""
+    photos = list(fidelity.photographs(Path(folder)).values())
+    sizes = {"512x512 JPEG": (512, 512), "2 MP JPEG (1632x1224)": (1632, 1224), "12 MP JPEG (4000x3000)": (4000, 3000)}
+
+    def maker(size: tuple[int, int]) -> Callable[[int], list[bytes]]:
+        return lambda n: [fidelity.jpeg_of(photos[i % len(photos)], size) for i in range(max(n, len(photos)))]
+
+    return {name: (maker(sizes[name]), *INPUTS[name][1:]) if name in sizes else spec for name, spec in INPUTS.items()}
+
+
 def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     info = machine.describe(torch.device("cpu"))
     distinct = max(2, min(args.distinct_images, 8))
     scale = 8 if args.smoke else 1
-    inputs = {name: (make(distinct), max(4, total // scale), per) for name, (make, total, per) in INPUTS.items()}
+    kinds = from_photos(args.photos_dir) if args.photos_dir else INPUTS
+    inputs = {name: (make(distinct), max(4, total // scale), per) for name, (make, total, per) in kinds.items()}
     results: dict[str, dict[str, Any]] = {}
     for resize_on, mode in CONFIGS:
         flags = ["--model", model_dir, "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--metrics-port",
@@ -72,7 +85,8 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
                 log(f"{name}, resize on {resize_on}, decode {mode}: {rate:.0f} images/s, "
                     f"host {host_ms(cpu):.2f} ms/image, load {machine.load_average()}")  # fmt: skip
     return {"machine": {**info, "load_average_end": machine.load_average()}, "cpus": CPUS,
-            "card_rates": CARD_RATES, "inputs": results}  # fmt: skip
+            "card_rates": CARD_RATES, "jpegs": f"photographs of {args.photos_dir}" if args.photos_dir else
+            "synthetic grayscale (bench/capacity.py photo_jpeg)", "inputs": results}  # fmt: skip
 
 
 def _cpu_per_image(server: ServerProcess, requests: list[Any], window: int) -> tuple[dict[str, float], float]:
@@ -96,6 +110,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{m['cpu']}, {m['cpus']} CPUs, load {m['load_average_start']} at start, {m['load_average_end']} at end",
         f"card rates (BENCHMARKS.md): {cards}",
+        f"JPEGs: {result.get('jpegs', 'synthetic')}",
         "",
         f"{'input':<24}{'resize/decode':>16}{'workers ms':>12}{'compute ms':>12}{'host ms':>10}{'feed/s':>16}",
     ]

@@ -8,7 +8,9 @@ no less than factor x the model's size a side; `server.preprocess.FAST_DRAFT_FAC
 is the one the server runs) it measures
 
 - CPU per image of `server.preprocess.decode` on one thread, exact and fast
-  (best of `rounds`, process time: the decode, conversion and resize to 224);
+  (best of `rounds`, process time: the decode, conversion and resize to 224),
+  the two measured one after the other for each photograph and factor, so a
+  change in the machine's load moves both;
 - the cosine of the embedding of the fast pixels to that of the exact ones
   (CLS, float32, the server's model runner; a random-weight dinov2-small unless
   --model names a real one), min and median over the photographs;
@@ -79,13 +81,14 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
         datas = {name: jpeg_of(photo, size) for name, photo in photos.items()}
         native = sorted(name for name, photo in photos.items() if photo.size == size)
         repeat = max(1, round(20 * 512 * 512 / (size[0] * size[1])))
-        exact_ms = [cpu_ms(d, False, args.rounds, repeat) for d in datas.values()]
         exact_px = np.stack([decode(d, LIMITS, 224) for d in datas.values()])
         exact_cls = runner.embed(exact_px).cls
         per_factor = {}
         for factor in FACTORS:
             preprocess.FAST_DRAFT_FACTOR = factor
-            fast_ms = [cpu_ms(d, True, args.rounds, repeat) for d in datas.values()]
+            timed = [(cpu_ms(d, False, args.rounds, repeat), cpu_ms(d, True, args.rounds, repeat))
+                     for d in datas.values()]  # fmt: skip
+            exact_ms, fast_ms = [e for e, _ in timed], [f for _, f in timed]
             fast_px = np.stack([decode(d, LIMITS, 224, fast=True) for d in datas.values()])
             fast_cls = runner.embed(fast_px).cls
             cosines = [cosine(a, b) for a, b in zip(fast_cls, exact_cls, strict=True)]
