@@ -14,7 +14,7 @@ from server.config import load_settings
 from server.decode.budget import PixelBudget
 from server.model import Pooling
 from server.resize import placement
-from tests.conftest import Reference, assert_close
+from tests.conftest import Reference, assert_close, wait_for
 
 NAMES = ["png_rgb", "jpeg_cmyk", "png_16bit", "gif_animated", "tiny_1x1", "tall_15x900", "exact_224", "webp"]
 
@@ -33,6 +33,9 @@ def test_a_server_resizing_on_the_device_answers_the_reference(
     for name, item in zip(NAMES, response.embeddings, strict=True):
         assert not item.HasField("error"), name
         assert_close(np.array(item.values, dtype=np.float32), reference.embed(corpus[name], Pooling.CLS), name)
+    budget = running.server.service._decoder._full_size
+    assert budget is not None
+    wait_for(lambda: budget.held == 0, timeout=30)  # every full-size image freed, and its pixels given back
 
 
 def test_auto_resizes_in_the_workers_on_a_cpu_and_on_the_device_on_cuda() -> None:
