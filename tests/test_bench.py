@@ -117,3 +117,12 @@ def test_capacity_table_prints_the_feed_rate_of_16_cpus() -> None:
     }
     row = table(result).split("512x512 JPEG")[1].splitlines()[0].split()
     assert row == ["device/exact", "3.00", "2.00", "3.50", "4,571"]  # 16 x 1000 / 3.5 ms
+
+
+def test_pipe_frames_smoke_times_both_sides(tmp_path: Path) -> None:
+    out = tmp_path / "pipe.json"
+    main(["--pipe-frames", "--smoke", "--json", str(out)])
+    sizes = json.loads(out.read_text())["sizes"]
+    assert set(sizes) == {"512x512", "2 MP (1632x1224)", "12 MP (4000x3000)"}
+    assert sizes["12 MP (4000x3000)"]["megabytes"] == 12.0
+    assert all(r["reader_ms"] >= 0 and r["writer_ms"] >= 0 for r in sizes.values())
