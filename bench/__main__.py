@@ -3,6 +3,9 @@
     python -m bench --size small --dtype bfloat16 --json out.json
     python -m bench --smoke --json smoke.json      # seconds, tiny model (CI)
     python -m bench --host-path                    # the host path alone: null model, decode vs server
+    python -m bench --host-path --capacity         # CPU per image per input, resize placement and decode mode
+    python -m bench --fast-fidelity --photos-dir DIR   # --decode fast vs exact on photographs: CPU, cosine
+    python -m bench --pipe-frames                  # CPU of full-size pixels through a decode worker's pipe
     python -m bench --overload --size base --dtype float32   # backpressure: bulk client, bursts, idle streams
 
 Raw, service and seed-style are measured in alternating rounds while the
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import ablation, driver, flops, host_path, machine, overload, paths, report
+from bench import ablation, capacity, driver, fidelity, flops, host_path, machine, overload, paths, pipe_frames, report
 from bench.images import gray_jpegs
 from bench.server_proc import ServerProcess, server_breakdown
 from server.config import Settings
@@ -74,6 +77,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only the host path: decode rate per thread vs the server's rate with the null model",
     )
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="--host-path: CPU per image and a 16-CPU machine's feed rate per input, placement and mode",
+    )
+    p.add_argument(
+        "--fast-fidelity",
+        action="store_true",
+        help="only --decode fast against exact on the photographs of --photos-dir: CPU and cosine",
+    )
+    p.add_argument(
+        "--pipe-frames", action="store_true", help="only the CPU of full-size pixels through a decode worker's pipe"
+    )
+    p.add_argument("--photos-dir", help="--fast-fidelity, --capacity: a folder of PNG/JPEG photographs (skimage/data)")
     p.add_argument("--server-tree", help="--host-path: run `python -m server` (and its decode) from this checkout")
     p.add_argument("--decode-seconds", type=float, default=5.0, help="--host-path: decode seconds per round")
     p.add_argument("--null-threads", type=int, default=1,
@@ -244,12 +261,24 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dinov2-bench-") as tmp:
-        if args.host_path:
-            result = host_path.run(args, str(build_model_dir(Path(tmp) / "null", "null")))
+        if args.pipe_frames:
+            result = pipe_frames.run(args)
+        elif args.fast_fidelity:
+            result = fidelity.run(args, args.model or str(build_model_dir(Path(tmp) / "small", "small")))
+        elif args.host_path:
+            module = capacity if args.capacity else host_path
+            result = module.run(args, str(build_model_dir(Path(tmp) / "null", "null")))
         else:
             model_dir = args.model or str(build_model_dir(Path(tmp) / args.size, args.size))
             result = overload.run(args, model_dir) if args.overload else run(args, model_dir)
-    table = host_path.table if args.host_path else overload.table if args.overload else report.table
+    if args.pipe_frames:
+        table = pipe_frames.table
+    elif args.fast_fidelity:
+        table = fidelity.table
+    elif args.host_path:
+        table = capacity.table if args.capacity else host_path.table
+    else:
+        table = overload.table if args.overload else report.table
     print(table(result))
     if args.json:
         report.write_json(result, args.json)

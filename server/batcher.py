@@ -180,6 +180,8 @@ class Batcher:
             if not batch:
                 continue
             queued = asyncio.get_running_loop().create_task(self._run_batch(batch, running), name="batch")
+            del batch  # the task holds it; this loop must not while it waits for the next batch (full-size
+            # pixels hold the pixel budget until freed, and the next batch's decodes may wait for it)
             queued.add_done_callback(self._batch_done)
             self._batches.add(queued)
             if running is not None:

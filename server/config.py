@@ -19,6 +19,7 @@ from server import batch_size
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_AUTO_DECODE_WORKERS = 4
+RESIZE_PLACES = ("auto", "workers", "device")
 
 
 def int_or_auto(raw: object) -> int | str:
@@ -85,6 +86,19 @@ class Settings:
         "Decode in worker processes (parallel over the CPUs; a decoder crash costs one image) or threads.",
         choices=("processes", "threads"),
     )
+    resize_on: str = _opt(
+        "auto",
+        "Where the bicubic resize to the model's size runs, bit-exact either way: in the decode workers, or on the "
+        "model's device in batches (server/resize.py); auto = device on CUDA, workers on CPU.",
+        choices=RESIZE_PLACES,
+    )
+    decode: str = _opt(
+        "exact",
+        "exact: the reference's pixels. fast: a JPEG of at least 4x the model's size a side is decoded at a reduced "
+        "DCT scale (no less than 2x the model's size a side), straight to grayscale: much less CPU for large "
+        "photographs, embeddings close but not identical (BENCHMARKS.md); other images decode exactly.",
+        choices=("exact", "fast"),
+    )
     decode_timeout_s: float = _opt(
         30.0,
         "An image a decode worker process takes longer over fails INVALID_ARGUMENT and its process is replaced "
@@ -142,6 +156,9 @@ class Settings:
             raise ValueError(f"metrics_port must be from 0 to 65535, or -1 to disable, not {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.resize_on not in RESIZE_PLACES or self.decode not in ("exact", "fast"):
+            raise ValueError(f"resize_on must be auto, workers or device, not {self.resize_on!r}; "
+                             f"decode must be exact or fast, not {self.decode!r}")  # fmt: skip
         if self.hub_timeout_s <= 0:
             raise ValueError(f"hub_timeout_s must be positive, not {self.hub_timeout_s}")
 

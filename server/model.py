@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server import batch_size, fastpath
+from server import batch_size, fastpath, resize
 from server.config import Settings
 from server.errors import ModelLoadError
 from server.preprocess import Normalization, configured_processor, normalization_of
@@ -32,7 +32,8 @@ from server.staging import Staging
 log = logging.getLogger(__name__)
 
 Pixels = np.ndarray | Sequence[np.ndarray]
-"""A batch of uint8 grayscale images: one [B, S, S] array, or B arrays of [S, S]."""
+"""A batch of uint8 grayscale images: one [B, S, S] array, or B arrays of [S, S] or, not resized yet,
+of any [H, W] (the runner resizes those on its device, bit-exact: server/resize.py)."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -234,17 +235,29 @@ class ModelRunner:
         return self._compute.run(batch_size.choose, self._measured_rate)
 
     def pixel_values(self, pixels: Pixels) -> torch.Tensor:
-        """uint8 [B, S, S] grayscale -> the model's input in its dtype, on its device.
+        """uint8 grayscale images -> the model's input in its dtype, on its device.
 
         With the folded input that is the pixels as they are, [B, 1, S, S];
         otherwise replicated and normalized, [B, 3, S, S]. The copy to the
         device goes through a pinned buffer and does not wait (server/staging.py).
+        A batch with full-size images is copied as it is and resized there
+        (server/resize.py), grouped by size.
         """
-        x = self._staging.to_device(pixels).unsqueeze(1)
+        if self._full_size(pixels):
+            x = resize.resize_batch(pixels, self.image_size, self.device).unsqueeze(1)
+        else:
+            x = self._staging.to_device(pixels).unsqueeze(1)
         if self.fast.fold_input:
             return x.float()  # the folded conv runs in float32
         x = (x.float() * self.norm.rescale - self._mean) / self._std
         return x.to(self.dtype)
+
+    def _full_size(self, pixels: Pixels) -> bool:
+        """Whether any image still needs its resize (the decode workers handed it back at full size)."""
+        square = (self.image_size, self.image_size)
+        if isinstance(pixels, np.ndarray):
+            return pixels.shape[1:] != square
+        return any(image.shape != square for image in pixels)
 
     def embed(self, pixels: Pixels) -> BatchOutput:
         """Runs a batch of resized grayscale images through the model, on the compute thread.

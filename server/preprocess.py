@@ -7,9 +7,11 @@ image_size (bicubic, no crop), replicate to 3 channels, rescale, normalize.
 
 The service does not call the processor per image. `decode` produces the
 resized single-channel uint8 image (PIL, the same resize the processor does),
-and `Normalization` holds the processor's rescale/mean/std so the model runner
-can replicate and normalize a whole batch at once on the device. Both paths
-are compared in tests/test_model.py and tests/test_fastpath.py.
+or the full-size one for the model runner to resize on its device with the
+same arithmetic (`--resize-on device`, server/resize.py), and `Normalization`
+holds the processor's rescale/mean/std so the model runner can replicate and
+normalize a whole batch at once on the device. The paths are compared in
+tests/test_model.py and tests/test_fastpath.py.
 """
 
 from __future__ import annotations
@@ -179,19 +181,44 @@ class Budget(Protocol):
     def hold(self, pixels: int) -> AbstractContextManager[None]: ...
 
 
-def decode(data: bytes, limits: ImageLimits, image_size: int, budget: Budget | None = None) -> np.ndarray:
-    """Encoded bytes -> resized grayscale uint8 array [image_size, image_size].
+FAST_DRAFT_FACTOR: float = 2
+"""`--decode fast` asks the JPEG decoder for the smallest DCT scale (1/2, 1/4, 1/8) that keeps the image
+at least this many times the model's input size on each side; chosen by measurement (BENCHMARKS.md)."""
 
-    The full-size pixels count against `budget` from before they are decoded
-    until the resized copy is made.
+
+def decode(
+    data: bytes,
+    limits: ImageLimits,
+    image_size: int,
+    budget: Budget | None = None,
+    *,
+    resize: bool = True,
+    fast: bool = False,
+) -> np.ndarray:
+    """Encoded bytes -> grayscale uint8 pixels: resized to [image_size, image_size], or at full size
+    [height, width] when not `resize` (the model runner then resizes them, server/resize.py).
+
+    `fast` lets a JPEG at least twice `FAST_DRAFT_FACTOR` x image_size a
+    side decode at a reduced DCT scale (1/2, 1/4 or 1/8, keeping no less than
+    `FAST_DRAFT_FACTOR` x image_size a side), straight to grayscale (the
+    decoder's luma, not `convert("L")` of its RGB): not the reference's
+    pixels, and much less CPU for a large photograph. Smaller JPEGs and
+    other formats decode exactly. The full-size pixels
+    count against `budget` from before they are decoded until the resized
+    copy is made (or, at full size, until they are handed back).
     """
     img = open_image(data, limits)
+    side = int(FAST_DRAFT_FACTOR * image_size)
+    if fast and min(img.width, img.height) >= 2 * side:  # a smaller DCT scale exists
+        with _decoding_errors(data, limits):
+            img.draft("L", (side, side))  # JPEG only; other formats ignore it
     with budget.hold(img.width * img.height) if budget else nullcontext():
         load_image(img, data, limits)
         gray = to_gray(img)
         del img
-        resized = gray.resize((image_size, image_size), RESAMPLE)
-    return np.asarray(resized, dtype=np.uint8)
+        if resize:
+            gray = gray.resize((image_size, image_size), RESAMPLE)
+        return np.asarray(gray, dtype=np.uint8)
 
 
 def img_format(data: bytes) -> str:

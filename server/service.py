@@ -35,6 +35,7 @@ from server.errors import DeadlineExceeded, EmbedError, Internal, InvalidRequest
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
 from server.preprocess import ImageLimits, decode
+from server.resize import placement
 from server.runtime import MemoryPolicy
 from server.throughput import Estimate, Throughput
 
@@ -83,15 +84,21 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _decode_pool(settings: Settings, image_size: int) -> DecodePool:
-    """The decode workers the settings ask for, sharing one bound on full-size pixels."""
+def _decode_pool(settings: Settings, image_size: int, resize_on: str) -> DecodePool:
+    """The decode workers the settings ask for, sharing one bound on full-size pixels.
+
+    With the resize on the device the workers hand back full-size pixels,
+    and they count against that bound until the runner has resized them.
+    """
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     budget = PixelBudget(settings.max_decode_pixels)
+    resize, fast = resize_on == "workers", settings.decode == "fast"
+    full_size = None if resize else budget
     if settings.decode_in == "threads":
-        decode_one = partial(decode, limits=limits, image_size=image_size, budget=budget)
-        return DecodePool.in_threads(decode_one, settings.decode_workers)
-    setup = Setup(limits, image_size, settings.idle_trim_s, settings.decode_timeout_s)
-    return DecodePool([partial(ProcessDecoder, setup, budget)] * settings.decode_workers)
+        decode_one = partial(decode, limits=limits, image_size=image_size, budget=budget, resize=resize, fast=fast)
+        return DecodePool.in_threads(decode_one, settings.decode_workers, full_size)
+    setup = Setup(limits, image_size, settings.idle_trim_s, settings.decode_timeout_s, resize, fast)
+    return DecodePool([partial(ProcessDecoder, setup, budget)] * settings.decode_workers, full_size=full_size)
 
 
 class _Request:
@@ -169,7 +176,8 @@ class EmbedService:
         self.settings = settings
         self.runner = runner
         self.metrics = metrics or Metrics()
-        self._decoder = _decode_pool(settings, runner.image_size)
+        self.resize_on = placement(settings.resize_on, runner.device)
+        self._decoder = _decode_pool(settings, runner.image_size, self.resize_on)
         self.batcher = Batcher(
             runner.embed,
             batch_limit=partial(runner.batch_limit, settings.max_batch_size),
@@ -233,9 +241,10 @@ class EmbedService:
         self._ready = True
         self._notify()
         log.info("engine ready: batches of up to %d, max wait %.1f ms (%.1f ms with a backlog), queue bound %d images "
-                 "and %g s, %d decode workers (%s)", self.info.max_batch_size, self.settings.max_wait_ms,
-                 max(self.settings.max_wait_ms, self.settings.backlog_wait_ms), self.settings.max_queue_images,
-                 self.settings.max_queue_s, self.settings.decode_workers, self.settings.decode_in)  # fmt: skip
+                 "and %g s, %d decode workers (%s), resize on %s, decode %s", self.info.max_batch_size,
+                 self.settings.max_wait_ms, max(self.settings.max_wait_ms, self.settings.backlog_wait_ms),
+                 self.settings.max_queue_images, self.settings.max_queue_s, self.settings.decode_workers,
+                 self.settings.decode_in, self.resize_on, self.settings.decode)  # fmt: skip
 
     def _timed_pass(self) -> float:
         size = self.runner.image_size

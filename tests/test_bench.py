@@ -81,3 +81,48 @@ def test_overload_smoke_runs_every_part(tmp_path: Path, capsys) -> None:
     assert idle["other_embed"] == "OK" and idle["health"] == {"SERVING": 45}
     assert result["peak_rss_mb"] > 0 and result["rss_after_mb"] > 0
     assert "bulk client, default flags, 40 JPEGs: exit 0, 40 rows" in capsys.readouterr().out
+
+
+def test_fast_fidelity_smoke_reports_each_size_and_factor(tmp_path: Path, model_dir: Path, capsys) -> None:
+    from tests import images
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(2):
+        images.rgb(300, 200, seed=seed).save(photos / f"photo{seed}.png")
+    out = tmp_path / "fidelity.json"
+    main(["--fast-fidelity", "--photos-dir", str(photos), "--model", str(model_dir), "--rounds", "1",
+          "--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["photos"] == ["photo0", "photo1"] and result["server_factor"] == 2
+    assert set(result["sizes"]) == {"512x512", "2 MP (1632x1224)", "12 MP (4000x3000)"}
+    for size, r in result["sizes"].items():
+        for factor, f in r["factors"].items():
+            assert f["exact_ms_median"] > 0 and f["fast_ms_median"] > 0, (size, factor)
+            assert 0.9 < f["cosine_min"] <= f["cosine_median"] <= 1.0 + 1e-6, (size, factor)
+    assert result["sizes"]["512x512"]["factors"]["2"]["pixel_mad"] == 0  # below 4 x 224 a side: decoded exactly
+    assert result["sizes"]["12 MP (4000x3000)"]["factors"]["2"]["pixel_mad"] > 0
+    assert "12 MP (4000x3000)" in capsys.readouterr().out
+
+
+def test_capacity_table_prints_the_feed_rate_of_16_cpus() -> None:
+    from bench.capacity import table
+
+    cpu = dict.fromkeys(CPU_PARTS, 0.0) | {"decode workers": 3.0, "event loop": 0.5, "compute": 2.0, "client": 9.0}
+    result = {
+        "machine": {"cpu": "x", "cpus": 2, "load_average_start": [1], "load_average_end": [1]},
+        "cpus": 16,
+        "card_rates": {"H100": 10_094},
+        "inputs": {"512x512 JPEG": {"device/exact": {"cpu_ms_per_image": cpu, "server": 100.0}}},
+    }
+    row = table(result).split("512x512 JPEG")[1].splitlines()[0].split()
+    assert row == ["device/exact", "3.00", "2.00", "3.50", "4,571"]  # 16 x 1000 / 3.5 ms
+
+
+def test_pipe_frames_smoke_times_both_sides(tmp_path: Path) -> None:
+    out = tmp_path / "pipe.json"
+    main(["--pipe-frames", "--smoke", "--json", str(out)])
+    sizes = json.loads(out.read_text())["sizes"]
+    assert set(sizes) == {"512x512", "2 MP (1632x1224)", "12 MP (4000x3000)"}
+    assert sizes["12 MP (4000x3000)"]["megabytes"] == 12.0
+    assert all(r["reader_ms"] >= 0 and r["writer_ms"] >= 0 for r in sizes.values())

@@ -36,6 +36,15 @@ def test_a_chunk_of_errors_only() -> None:
     assert isinstance(results[0], InvalidImage)
 
 
+def test_full_size_images_come_back_in_their_own_shapes() -> None:
+    sent = [np.arange(12, dtype=np.uint8).reshape(3, 4), InvalidImage("bad"), np.full((5, 1), 9, dtype=np.uint8)]
+    results, _ = wire.decode_results(bytearray(b"".join(wire.encode_results(sent, []))), 3, None)
+    assert np.array_equal(results[0], sent[0]) and np.array_equal(results[2], sent[2])
+    assert isinstance(results[1], InvalidImage)
+    with pytest.raises(wire.WireError, match="3x4"):  # the workers were to resize: refused
+        wire.decode_results(bytearray(b"".join(wire.encode_results(sent, []))), 3, SIZE)
+
+
 def corrupt(body: bytes, at: int, value: bytes) -> bytearray:
     changed = bytearray(body)
     changed[at : at + len(value)] = value
@@ -52,10 +61,11 @@ GOOD = b"".join(wire.encode_results([pixels(1), InvalidImage("bad")], []))
         (bytearray(GOOD[:-1]), 2),  # a pixel short
         (bytearray(GOOD + b"\0"), 2),  # a byte too many
         (corrupt(GOOD, 4, b"\x07"), 2),  # an unknown item tag: pixels of the wrong size follow
-        (corrupt(GOOD, 7, b"Pickle"), 2),  # an error type that is not the engine's
+        (corrupt(GOOD, 15, b"Pickle"), 2),  # an error type that is not the engine's
+        (corrupt(GOOD, 5, struct.pack("<II", 4, 16)), 2),  # 64 pixels, but not image_size x image_size
         (bytearray(GOOD[:10]), 2),  # cut short
     ],
-    ids=["count", "short", "long", "tag", "type", "truncated"],
+    ids=["count", "short", "long", "tag", "type", "shape", "truncated"],
 )
 def test_a_malformed_answer_is_refused(body: bytearray, count: int) -> None:
     with pytest.raises(wire.WireError):
@@ -138,7 +148,7 @@ def test_a_results_frame_written_in_parts_reads_back_as_one_body() -> None:
     read, write = os.pipe()
     wire.write_frame(write, wire.DONE, *wire.encode_results(sent, []))
     os.close(write)
-    kind, body = wire.read_frame(read, wire.max_results_body(len(sent), SIZE))
+    kind, body = wire.read_frame(read, wire.max_results_body(len(sent), SIZE * SIZE))
     os.close(read)
     results, _ = wire.decode_results(body, len(sent), SIZE)
     assert kind == wire.DONE and np.array_equal(results[0], sent[0]) and np.array_equal(results[2], sent[2])

@@ -15,21 +15,47 @@ from tests.conftest import Reference, assert_close
 LIMITS = ImageLimits(max_bytes=64 * 1024 * 1024, max_pixels=50_000_000)
 
 
-def embed_fast(runner: ModelRunner, datas: list[bytes], pooling: Pooling, normalize: bool) -> list[np.ndarray]:
-    pixels = np.stack([decode(data, LIMITS, runner.image_size) for data in datas])
+def embed_fast(
+    runner: ModelRunner, datas: list[bytes], pooling: Pooling, normalize: bool, resize_on: str = "workers"
+) -> list[np.ndarray]:
+    """The service's path: decode (and resize, in the workers), then the runner (which resizes on its
+    device the images still at full size)."""
+    if resize_on == "workers":
+        pixels: list[np.ndarray] | np.ndarray = np.stack([decode(d, LIMITS, runner.image_size) for d in datas])
+    else:
+        pixels = [decode(data, LIMITS, runner.image_size, resize=False) for data in datas]
     out = runner.embed(pixels)
     return [pool(out.cls[i], out.mean[i], pooling, normalize) for i in range(len(datas))]
 
 
+@pytest.mark.parametrize("resize_on", ["workers", "device"])
 @pytest.mark.parametrize("pooling", list(Pooling))
 @pytest.mark.parametrize("normalize", [False, True])
 def test_float32_batch_equals_reference_on_every_format(
-    runner: ModelRunner, reference: Reference, corpus: dict[str, bytes], pooling: Pooling, normalize: bool
+    runner: ModelRunner,
+    reference: Reference,
+    corpus: dict[str, bytes],
+    pooling: Pooling,
+    normalize: bool,
+    resize_on: str,
 ) -> None:
     names = list(corpus)
-    fast = embed_fast(runner, [corpus[n] for n in names], pooling, normalize)
+    fast = embed_fast(runner, [corpus[n] for n in names], pooling, normalize, resize_on)
     for name, vec in zip(names, fast, strict=True):
         assert_close(vec, reference.embed(corpus[name], pooling, normalize), name)
+
+
+def test_the_device_resize_gives_the_workers_pixels_and_embeddings(
+    runner: ModelRunner, corpus: dict[str, bytes]
+) -> None:
+    """Bit-exact: the model input of a mixed-size batch resized on the device equals the workers' one."""
+    datas = list(corpus.values())
+    in_workers = np.stack([decode(data, LIMITS, runner.image_size) for data in datas])
+    full_size = [decode(data, LIMITS, runner.image_size, resize=False) for data in datas]
+    assert len({image.shape for image in full_size}) > 3
+    assert np.array_equal(runner.pixel_values(full_size).numpy(), runner.pixel_values(in_workers).numpy())
+    a, b = runner.embed(in_workers), runner.embed(full_size)
+    assert np.array_equal(a.cls, b.cls) and np.array_equal(a.mean, b.mean)
 
 
 def test_embedding_sizes(runner: ModelRunner, corpus: dict[str, bytes]) -> None:

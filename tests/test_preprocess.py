@@ -129,3 +129,33 @@ def test_a_refused_image_keeps_no_reference_to_its_pixels() -> None:
         assert kept.__traceback__ is None and kept.__context__ is None and "truncated" in str(kept)
     finally:
         gc.enable()
+
+
+def test_full_size_decode_is_the_grayscale_image_unresized() -> None:
+    img = images.rgb(300, 200, seed=4)
+    out = decode(images.encode(img, "PNG"), LIMITS, 224, resize=False)
+    np.testing.assert_array_equal(out, np.asarray(img.convert("L")))
+
+
+def test_fast_decode_scales_a_large_jpeg_down_in_the_decoder() -> None:
+    limits = ImageLimits(max_bytes=10_000_000, max_pixels=30_000_000)
+    data = images.jpeg(1600, 2000, seed=5)
+    budget = PixelBudget(limits.max_pixels)
+    held: list[int] = []
+    original = budget.hold
+    budget.hold = lambda pixels: (held.append(pixels), original(pixels))[1]  # type: ignore[method-assign]
+    full = decode(data, limits, 224, resize=False, fast=True, budget=budget)
+    assert full.shape == (1000, 800)  # 1/2 scale: 1/4 would leave 400 < 2 x 224 pixels a side
+    assert held == [1000 * 800]  # the budget counts the pixels decoded, not the header's
+    exact = decode(data, limits, 224).astype(np.float64)
+    fast = decode(data, limits, 224, fast=True).astype(np.float64)
+    assert fast.shape == (224, 224) and not np.array_equal(fast, exact)
+    cosine = float((fast - fast.mean()).ravel() @ (exact - exact.mean()).ravel()) / (
+        np.linalg.norm(fast - fast.mean()) * np.linalg.norm(exact - exact.mean())
+    )
+    assert cosine > 0.95
+
+
+def test_fast_decode_leaves_other_formats_and_small_jpegs_exact() -> None:
+    for data in (images.png(600, 500), images.jpeg(400, 300)):
+        np.testing.assert_array_equal(decode(data, LIMITS, 224, fast=True), decode(data, LIMITS, 224))

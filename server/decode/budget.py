@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+import numpy as np
 
 
 class PixelBudget:
@@ -41,3 +44,18 @@ class PixelBudget:
         with self._cond:
             self.held -= pixels
             self._cond.notify_all()
+
+    def hold_while_alive(self, images: Sequence[np.ndarray]) -> None:
+        """Counts full-size decoded images against the budget until each is freed, without waiting.
+
+        With `--resize-on device` a worker hands back its images at full size
+        and the model runner resizes them. Their pixels are counted from the
+        hand-back until the last reference to each is gone (after its batch is
+        resized), so decodes that ask for room wait for them; the count never
+        waits itself, as the images exist already and waiting here could hold
+        up the decodes whose results would free room.
+        """
+        for image in images:
+            with self._cond:
+                self.held += image.size
+            weakref.finalize(image, self.release, image.size)

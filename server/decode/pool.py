@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.decode.budget import PixelBudget
 from server.decode.decoder import ChunkDecoder, Decoded, ThreadDecoder
 from server.errors import Internal
 from server.runtime import name_os_thread
@@ -101,8 +102,14 @@ class DecodePool:
     so child processes start side by side, each tied to its thread.
     """
 
-    def __init__(self, decoders: Sequence[Callable[[], ChunkDecoder]], slice_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        decoders: Sequence[Callable[[], ChunkDecoder]],
+        slice_s: float = 0.02,
+        full_size: PixelBudget | None = None,
+    ) -> None:
         self._slice_s = slice_s
+        self._full_size = full_size  # images come back at full size: counted here until freed
         self.times = DecodeTimes(len(decoders))  # admission's estimate of the decoding ahead
         self._turns: collections.deque[Lane] = collections.deque()  # the lanes with queued jobs
         self._cond = threading.Condition()
@@ -158,8 +165,10 @@ class DecodePool:
         return dropped
 
     @classmethod
-    def in_threads(cls, decode_one: Callable[[bytes], np.ndarray], workers: int) -> DecodePool:
-        return cls([lambda: ThreadDecoder(decode_one)] * workers)
+    def in_threads(
+        cls, decode_one: Callable[[bytes], np.ndarray], workers: int, full_size: PixelBudget | None = None
+    ) -> DecodePool:
+        return cls([lambda: ThreadDecoder(decode_one)] * workers, full_size=full_size)
 
     def close(self) -> None:
         """Stops taking work; each decoder closes once its chunk in progress is handed back."""
@@ -223,6 +232,8 @@ class DecodePool:
         """Receives the oldest chunk's results and hands them back; returns when they came."""
         chunk = in_flight.popleft()
         results = self._receive(decoder, chunk.count)
+        if self._full_size is not None:
+            self._full_size.hold_while_alive([result for result in results if isinstance(result, np.ndarray)])
         received = time.perf_counter()
         # the decoder started on this chunk when it was sent or when it handed back the one before
         self._hand_back(chunk.job, chunk.start, chunk.count, results, received - max(chunk.sent_at, last))

@@ -26,6 +26,18 @@ class Setup:
     image_size: int
     idle_trim_s: float  # idle this long after work, the child gives its freed memory back
     timeout_s: float = 30.0  # an image the child takes longer over is stopped, with its child
+    resize: bool = True  # False: images are handed back at full size (`--resize-on device`)
+    fast: bool = False  # `--decode fast`
+
+    @property
+    def result_size(self) -> int | None:
+        """The side of every image handed back, or None when they come at full size."""
+        return self.image_size if self.resize else None
+
+    @property
+    def result_pixels(self) -> int:
+        """The most pixels one handed-back image can have."""
+        return self.image_size * self.image_size if self.resize else self.limits.max_pixels
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

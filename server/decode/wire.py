@@ -8,8 +8,13 @@ reads with `struct` and `numpy.frombuffer` only, each bounded in size:
     READY body = empty (the child has started and waits for chunks)
     HOLD, RELEASE body = pixels (uint64)
     DONE body = count (uint32) | count x item | failures (uint32) | failures x (len uint32 | utf-8)
-                | the pixels of every decoded item, in order, image_size x image_size bytes each
-    item    = 0 (decoded) | 1, type name len (uint8), name, message len (uint32), message (utf-8)
+                | the pixels of every decoded item, in order, height x width bytes each
+    item    = 0 (decoded), height (uint32), width (uint32)
+              | 1, type name len (uint8), name, message len (uint32), message (utf-8)
+
+A decoded item is image_size x image_size when the workers resize, and any
+size up to the pixel limit when they hand back full-size pixels (`--resize-on
+device`); the reader checks which it expects.
 
 The pixels are read straight into one buffer and handed on as views of it, so
 a chunk's pixels are copied once on this side (from the pipe).
@@ -23,6 +28,7 @@ of encoded images copied each of them twice more):
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import struct
@@ -42,6 +48,7 @@ FROM_CHILD, FROM_PARENT = (READY, HOLD, RELEASE, DONE), (CHUNK, GRANT, STOP)
 
 _HEADER = struct.Struct("<cQ")
 _U8, _U32, _U64 = struct.Struct("<B"), struct.Struct("<I"), struct.Struct("<Q")
+_SHAPE = struct.Struct("<II")
 _ERROR_TYPES = {
     cls.__name__: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, EmbedError)
 }
@@ -132,8 +139,9 @@ def encode_results(results: Sequence[np.ndarray | EmbedError], failures: Sequenc
             message = _cut(str(result), _MESSAGE_BYTES)
             parts += [_U8.pack(1), _U8.pack(len(name)), name, _U32.pack(len(message)), message]
         else:
-            parts.append(_U8.pack(0))
-            pixels.append(np.ascontiguousarray(result, dtype=np.uint8).data)
+            image = np.ascontiguousarray(result, dtype=np.uint8)
+            parts += [_U8.pack(0), _SHAPE.pack(*image.shape)]
+            pixels.append(image.data)
     parts.append(_U32.pack(len(failures)))
     for failure in failures:
         text = _cut(failure, _FAILURE_BYTES)
@@ -141,29 +149,39 @@ def encode_results(results: Sequence[np.ndarray | EmbedError], failures: Sequenc
     return [b"".join(parts), *pixels]
 
 
-def max_results_body(count: int, image_size: int) -> int:
-    """The largest DONE body that `count` results and their failures can make."""
+def max_results_body(count: int, image_pixels: int) -> int:
+    """The largest DONE body that `count` results of at most `image_pixels` each and their failures can make."""
     per_item = 1 + 1 + 255 + 4 + _MESSAGE_BYTES + 4 + _FAILURE_BYTES
-    return 8 + count * (image_size * image_size + per_item)
+    return 8 + count * (image_pixels + per_item)
 
 
-def decode_results(body: bytearray, count: int, image_size: int) -> tuple[list[np.ndarray | EmbedError], list[str]]:
-    """The results of a DONE body that answers a chunk of `count` images; `WireError` if malformed."""
+def decode_results(
+    body: bytearray, count: int, image_size: int | None
+) -> tuple[list[np.ndarray | EmbedError], list[str]]:
+    """The results of a DONE body that answers a chunk of `count` images; `WireError` if malformed.
+
+    Each image must be image_size x image_size, or of any size when `image_size` is None (full size).
+    """
     try:
         return _decode_results(memoryview(body), count, image_size)
     except (struct.error, UnicodeDecodeError, ValueError, KeyError) as exc:
         raise WireError(f"malformed results: {exc}") from None
 
 
-def _decode_results(view: memoryview, count: int, image_size: int) -> tuple[list[np.ndarray | EmbedError], list[str]]:
+def _decode_results(
+    view: memoryview, count: int, image_size: int | None
+) -> tuple[list[np.ndarray | EmbedError], list[str]]:
     (n,), at = _U32.unpack_from(view), _U32.size
     if n != count:
         raise ValueError(f"{n} results for {count} images")
-    results: list[np.ndarray | EmbedError | None] = []
+    results: list[np.ndarray | EmbedError | tuple[int, int]] = []
     for _ in range(n):
         (tag,), at = _U8.unpack_from(view, at), at + 1
         if tag == 0:
-            results.append(None)
+            shape, at = _SHAPE.unpack_from(view, at), at + _SHAPE.size
+            if min(shape) < 1 or (image_size is not None and shape != (image_size, image_size)):
+                raise ValueError(f"an image of {shape[0]}x{shape[1]} pixels")
+            results.append(shape)
             continue
         (name_len,), at = _U8.unpack_from(view, at), at + 1
         name, at = bytes(view[at : at + name_len]).decode(), at + name_len
@@ -176,13 +194,15 @@ def _decode_results(view: memoryview, count: int, image_size: int) -> tuple[list
         (length,), at = _U32.unpack_from(view, at), at + _U32.size
         failures.append(bytes(view[at : at + length]).decode(errors="replace"))
         at += length
-    decoded_count = results.count(None)
-    if len(view) - at != image_size * image_size * decoded_count:
-        raise ValueError(f"{len(view) - at} bytes of pixels for {decoded_count} images")
-    if not decoded_count:
-        return results, failures  # type: ignore[return-value]
-    decoded = iter(np.frombuffer(view.obj, dtype=np.uint8, offset=at).reshape(-1, image_size, image_size))
-    return [next(decoded) if result is None else result for result in results], failures
+    shapes = [result for result in results if isinstance(result, tuple)]
+    sizes = [height * width for height, width in shapes]
+    if len(view) - at != sum(sizes):
+        raise ValueError(f"{len(view) - at} bytes of pixels for {len(shapes)} images of {sum(sizes)}")
+    decoded = iter(
+        np.frombuffer(view.obj, dtype=np.uint8, count=size, offset=offset).reshape(shape)
+        for shape, size, offset in zip(shapes, sizes, itertools.accumulate(sizes, initial=at), strict=False)
+    )
+    return [next(decoded) if isinstance(result, tuple) else result for result in results], failures  # type: ignore[misc]
 
 
 def _cut(text: str, limit: int) -> bytes:

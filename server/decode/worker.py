@@ -208,7 +208,7 @@ class ProcessDecoder:
             child.ready = True
         deadline = time.monotonic() + self._setup.timeout_s
         while True:
-            kind, body = self._read(child, wire.max_results_body(count, self._setup.image_size), deadline)
+            kind, body = self._read(child, wire.max_results_body(count, self._setup.result_pixels), deadline)
             try:
                 if kind == wire.HOLD:
                     waited = time.monotonic()
@@ -220,7 +220,7 @@ class ProcessDecoder:
                     self._budget.release(granted)
                     child.held -= granted
                 elif kind == wire.DONE:
-                    results, failures = wire.decode_results(body, count, self._setup.image_size)
+                    results, failures = wire.decode_results(body, count, self._setup.result_size)
                     for failure in failures:
                         log.error("unexpected failure while decoding an image (in a decode worker):\n%s", failure)
                     return results
