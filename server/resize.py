@@ -12,12 +12,13 @@ any order of summation (BLAS, cuBLAS): the result equals Pillow's.
 
 Which axis goes first depends on the Pillow release (`vertical_first`); a
 pass whose axis keeps its size is skipped, as Pillow skips it. The matrices
-are cached per (input size, output size, device).
+are cached per (input size, output size, device), up to 256 MB in all.
 """
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ PRECISION_BITS = 22
 _HALF = float(1 << (PRECISION_BITS - 1))
 _ONE = float(1 << PRECISION_BITS)
 _SUPPORT = 2.0  # bicubic
-_CACHED = 512  # coefficient matrices kept per process: an input size recurs in a batch, and across batches
+_CACHE_BYTES = 256 << 20  # coefficient matrices kept per process (a 6000-pixel side to 224 is 10.8 MB)
 
 
 def pillow_major(version: str = PIL.__version__) -> int:
@@ -95,9 +96,39 @@ def coefficients(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-@functools.lru_cache(maxsize=_CACHED)
+class _MatrixCache:
+    """The most recently used coefficient matrices, bounded in bytes: a stream of photographs of
+    ever new sizes must not fill the device's memory with matrices."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._matrices: OrderedDict[tuple[int, int, torch.device], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+        key = (in_size, out_size, device)
+        with self._lock:
+            if key in self._matrices:
+                self._matrices.move_to_end(key)
+                return self._matrices[key]
+        matrix = torch.from_numpy(coefficients(in_size, out_size)).to(device)
+        size = matrix.numel() * matrix.element_size()
+        with self._lock:
+            if key not in self._matrices and size <= self.max_bytes:
+                self._matrices[key] = matrix
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, dropped = self._matrices.popitem(last=False)
+                    self.bytes -= dropped.numel() * dropped.element_size()
+        return matrix
+
+
+_matrices = _MatrixCache(_CACHE_BYTES)
+
+
 def _matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(coefficients(in_size, out_size)).to(device)
+    return _matrices.get(in_size, out_size, device)
 
 
 def _clip(acc: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from server.resize import coefficients, pillow_major, resize, vertical_first
+from server.resize import _MatrixCache, coefficients, pillow_major, resize, vertical_first
 
 BICUBIC = Image.Resampling.BICUBIC
 LARGE = [(6000, 4000), (4000, 6000), (4000, 3000), (3000, 4000), (1, 1), (1, 4000), (6000, 1), (5000, 300)]
@@ -104,3 +104,11 @@ def test_pillows_bicubic_has_not_changed(w: int, h: int) -> None:
     assert hashlib.sha256(resized.tobytes()).hexdigest() == expected, f"Pillow's bicubic of {w}x{h} changed"
     ours = resize(torch.from_numpy(_fixed(w, h)), (224, 224)).numpy()
     assert hashlib.sha256(ours.tobytes()).hexdigest() == expected
+
+
+def test_the_matrix_cache_keeps_to_its_byte_bound() -> None:
+    cache = _MatrixCache(max_bytes=3 * 224 * 1000 * 8)
+    for side in range(1000, 1010):
+        assert cache.get(side, 224, torch.device("cpu")).shape == (224, side)
+        assert cache.bytes <= cache.max_bytes
+    assert cache.get(1009, 224, torch.device("cpu")) is cache.get(1009, 224, torch.device("cpu"))  # still cached
