@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{info['cpu']}, load {info['load_average_start']}; raw {sweep.by_batch_size}; Ray batch {batch}")
         # Ray starts its workers at nice 15 (so its own daemons come first). On a node of its own that changes
         # nothing; on a shared machine it would hand the Ray path's CPU to other people's work and not raw's.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  _system_config={"worker_niceness": 0})  # fmt: skip
         ray.data.DataContext.get_current().enable_progress_bars = False
         rounds: list[dict[str, Any]] = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from offline import sources as inputs
@@ -222,7 +222,6 @@ class Job:
                          "starting again")  # fmt: skip
             else:
                 return previous
-        store.remove_temporaries()
         manifest = Manifest(identity, self.sources)
         store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))
         return manifest
@@ -233,7 +232,9 @@ class Job:
              manifest: Manifest, run: str) -> int:  # fmt: skip
         started = time.monotonic()
         self.store.remove_temporaries()
-        done = self.store.scan().done(self.spec.retry_failed)  # 16 bytes a done id, all the run holds of them
+        ledger = self.store.scan()
+        done, torn = ledger.done(self.spec.retry_failed), ledger.torn  # 16 bytes a done id: all the run holds
+        del ledger
         if len(done):
             self.say(f"continuing {self.out}: {len(done)} images written before")
         selector = inputs.Selector(paths, done, root)
@@ -255,6 +256,7 @@ class Job:
         manifest = manifest.with_updates(complete=True, rows=tally.rows, failed=tally.failed)
         self.store.write_atomic(MANIFEST, manifest.to_text().encode("utf-8"))
         elapsed = time.monotonic() - started
+        tally = replace(tally, torn_parts=tally.torn_parts + torn)
         return self._summary(tally, manifest, elapsed, embedded, failed, before, selector)
 
     def _dataset(self, paths: list[str], root: str, selector: inputs.Selector, resources: Resources,
@@ -333,8 +335,6 @@ class Job:
 
 def _actor_settings(settings: Settings, described: Described) -> Settings:
     """Every actor runs the dtype the manifest records, whatever its own node would pick for auto."""
-    from dataclasses import replace
-
     return replace(settings, dtype=described.dtype, device=settings.device)
 
 

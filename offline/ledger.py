@@ -71,6 +71,7 @@ class Ledger:
 
     def __init__(self) -> None:
         self.parts: list[str] = []
+        self.torn = 0  # parts found incomplete and removed while scanning
         self._digests: list[np.ndarray] = []
         self._ok: list[np.ndarray] = []
         self._retry: list[np.ndarray] = []

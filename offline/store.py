@@ -67,7 +67,6 @@ class Store:
     def __init__(self, out: str) -> None:
         self.out = out
         self._fs: pafs.FileSystem | None = None
-        self.torn = 0  # parts `scan` found incomplete and removed
 
     def __getstate__(self) -> dict[str, str]:
         return {"out": self.out}
@@ -135,9 +134,13 @@ class Store:
 
     def parts(self) -> list[str]:
         """Paths of the committed parts, sorted (temporary files of writers that died are not parts)."""
+        return [info.path for info in self._part_infos()]
+
+    def _part_infos(self) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(self.path(DATA), allow_not_found=True)
-        names = [info.path for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
-        return sorted(p for p in names if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
+        infos = [info for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
+        parts = [i for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")]
+        return sorted(parts, key=lambda info: info.path)
 
     # ------------------------------------------------------------------ rows
 
@@ -176,11 +179,11 @@ class Store:
         nothing is removed: a passing storage error must not cost rows.
         """
         ledger = Ledger()
-        self.torn = 0
-        for path in self.parts():
-            if self._torn(path):
+        for info in self._part_infos():
+            path = info.path
+            if _torn(info):
                 self.fs.delete_file(path)
-                self.torn += 1
+                ledger.torn += 1
                 continue
             try:
                 table = pq.read_table(path, columns=["id", "error_code"], filesystem=self.fs)
@@ -189,17 +192,6 @@ class Store:
                                  "part away) and run the same command again") from None  # fmt: skip
             ledger.add(path, table)
         return ledger
-
-    def _torn(self, path: str) -> bool:
-        """Whether the part's size contradicts the size its name records (names without one never are)."""
-        stem = path.rsplit("/", 1)[-1].removesuffix(".parquet")
-        _, _, size = stem.partition("-")[2].partition("-")
-        if not size.isdigit():
-            return False
-        try:
-            return self.fs.get_file_info(path).size != int(size)
-        except OSError as exc:
-            raise StoreError(f"cannot read {path}: {exc}; nothing was removed: run the same command again") from None
 
     def remove_temporaries(self) -> int:
         """Removes what writers that died left under temporary names (call only while holding the lock)."""
@@ -220,7 +212,7 @@ class Store:
                 self._replace(path, table)
             else:
                 self.fs.delete_file(path)
-        return Tally(keep.rows, keep.failed, failures, keep.removed, self.torn)
+        return Tally(keep.rows, keep.failed, failures, keep.removed, ledger.torn)
 
     def _replace(self, path: str, table: pa.Table) -> None:
         """Writes a part's kept rows under a new name, then removes the old part: a crash between keeps both."""
@@ -238,6 +230,12 @@ class Store:
             if len(found) >= limit:
                 break
         return found[:limit]
+
+
+def _torn(info: pafs.FileInfo) -> bool:
+    """Whether a part's size contradicts the size its name records (names without one never do)."""
+    size = info.base_name.removesuffix(".parquet").split("-")[-1]
+    return size.isdigit() and len(info.base_name.split("-")) == 3 and info.size != int(size)
 
 
 def _rows(table: pa.Table) -> list[tuple[str, str | None, str | None]]:

@@ -77,7 +77,8 @@ def local_ray() -> Iterator[None]:
     os.environ[WORKER_NICENESS] = "0"
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=256 << 20)  # fmt: skip
             break
         except RuntimeError:
             # Seen once on this machine: Ray forks its GCS server and runs Python in the child before exec; when

@@ -60,7 +60,7 @@ def test_only_a_part_whose_size_contradicts_its_name_is_removed(tmp_path: Path) 
     path = tmp_path / "out" / torn
     path.write_bytes(path.read_bytes()[:-10])  # what a half-written part looks like
     ledger = store.scan()
-    assert store.torn == 1 and not path.exists() and (tmp_path / "out" / kept).exists()
+    assert ledger.torn == 1 and not path.exists() and (tmp_path / "out" / kept).exists()
     assert list(ledger.done(retry_failed=False).holds_ids(["a", "b", "c"])) == [True, True, False]
     (tmp_path / "out" / "data" / ".part-x.parquet.123.tmp").write_bytes(b"a dead writer's leftovers")
     assert store.remove_temporaries() == 1 and len(_files(tmp_path / "out")) == 1
