@@ -195,9 +195,10 @@ def _holds_images(root: Path) -> bool:
 def _folder(root: Path, names: _Names, select: Select, tally: Tally) -> Iterator[Source]:
     for parent, dirs, files in os.walk(root):
         dirs.sort()
+        folder_id = names.of(parent)  # once per folder: a folder of a million files names each by a join
         for name in sorted(files):
             path = Path(parent, name)
-            image_id = names.of(path)
+            image_id = name if folder_id == "." else f"{folder_id}/{name}"
             if is_archive_name(name):
                 yield from _archive(path, image_id, select, tally)
             elif not is_image_name(name):

@@ -104,6 +104,9 @@ def image_id(path: str, root: str) -> str:
     """The id of a file as Ray lists it (absolute local path, or `bucket/key`)."""
     if not root:
         return path
+    prefix = root.rstrip("/") + "/"
+    if path.startswith(prefix):  # what Ray lists under the sources: a slice, not a relpath per file
+        return path[len(prefix) :]
     relative = posixpath.relpath(path, root) if not os.path.isabs(path) else os.path.relpath(path, root)
     return relative.replace(os.sep, "/")
 
