@@ -21,7 +21,7 @@ from server.decode.budget import PixelBudget
 from server.decode.setup import Setup, child_environment
 from server.decode.worker import ProcessDecoder
 from server.preprocess import ImageLimits
-from tests import images
+from tests import images, processes
 
 LIMITS = ImageLimits(max_bytes=64 * 1024 * 1024, max_pixels=50_000_000)
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,24 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def large_png() -> bytes:
     return images.encode(Image.new("L", (3000, 2000), 50), "PNG")  # over SMALL_PIXELS: the child asks for budget
-
-
-def gone(pid: int) -> bool:
-    """True once `pid` has exited (a zombie left for init to reap counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
-
-
-def wait_gone(pid: int, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while not gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_a_child_waiting_for_the_budget_ends_when_its_parent_closes_the_pipe() -> None:
@@ -91,11 +73,11 @@ def test_a_child_outlives_no_parent(signal_: signal.Signals) -> None:
     parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         child = int(parent.stdout.readline())  # type: ignore[union-attr]
-        assert not gone(child)
+        assert not processes.gone(child)
     finally:
         parent.send_signal(signal_)
         parent.wait(timeout=60)
-    assert wait_gone(child, within_s=30), f"decode worker {child} still runs after its parent died"
+    assert processes.wait_gone([child], within_s=30), f"decode worker {child} still runs after its parent died"
 
 
 def test_a_child_gets_no_secret_of_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,5 +110,5 @@ def test_a_server_killed_while_it_decodes_leaves_no_worker_behind(model_dir: Pat
         os.kill(server.pid, signal.SIGKILL)
         assert server._proc is not None
         server._proc.wait(timeout=60)
-    left = [pid for pid in workers if not wait_gone(pid, within_s=30)]
+    left = [pid for pid in workers if not processes.wait_gone([pid], within_s=30)]
     assert not left, f"decode workers {left} outlived the server"

@@ -30,7 +30,7 @@ from offline.store import Store
 from protos.dinov2.v1 import embed_pb2
 from server.config import Settings
 from server.random_model import build_model_dir
-from tests import images
+from tests import images, processes
 from tests.conftest import RunningServer
 
 ray = pytest.importorskip("ray")
@@ -84,7 +84,7 @@ def local_ray() -> Iterator[None]:
             # Seen once on this machine: Ray forks its GCS server and runs Python in the child before exec; when
             # another thread of this (multi-threaded) pytest process held a lock at the fork, the child hangs
             # and ray.init times out. The hung child is a copy of this process: end it, start again.
-            _end_forked_copies()
+            processes.end_forked_copies()
             if attempt == 2:
                 raise
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -94,7 +94,7 @@ def local_ray() -> Iterator[None]:
         del os.environ[WORKER_NICENESS]
     else:
         os.environ[WORKER_NICENESS] = previous
-    assert _wait_gone(_ray_children(os.getpid())), "ray.shutdown() left processes behind"
+    assert processes.wait_gone(processes.ray_children(os.getpid()), within_s=15), "ray.shutdown() left processes behind"
 
 
 def _spec(source: Path, out: Path, model: Path, **changes: object) -> JobSpec:
@@ -235,12 +235,12 @@ def test_driver_sigkilled_half_way_then_run_again_finishes_without_redoing_or_re
         assert driver.poll() is None, "the job ended before it could be killed half-way"
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
-        _kill_session(driver.pid)  # its Ray's workers can still finish a part: count only once they are gone
+        processes.kill_session(driver.pid)  # its Ray's workers can still finish a part: count only once they are gone
         killed_at = _snapshot(out)
         rows_then = sum(pq.read_metadata(p).num_rows for p in _parts(out))
         assert 0 < rows_then < GOOD + BROKEN
     finally:
-        _kill_session(driver.pid)
+        processes.kill_session(driver.pid)
 
     status, report = _run(_spec(dataset[0], out, model_dir))
     assert status == EXIT_ITEMS_FAILED, report
@@ -321,7 +321,7 @@ def test_a_wrong_model_writes_nothing_and_a_local_ray_ignores_ray_address(
         _, stderr = right.communicate(timeout=600)
     finally:
         right.kill()
-        _kill_session(right.pid)
+        processes.kill_session(right.pid)
     assert right.returncode == 0, stderr
     lines = stderr.strip().splitlines()
     assert lines[-2].startswith("embedded 3 of 3 images") and lines[-1].startswith("this run: 3 embedded"), lines
@@ -338,75 +338,3 @@ def _parts(out: Path) -> list[Path]:
 def _snapshot(out: Path) -> dict[str, int]:
     """Each part's name and modification time: a rewritten part shows."""
     return {p.name: p.stat().st_mtime_ns for p in _parts(out)}
-
-
-def _ray_children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` and whose command line names ray."""
-    found = []
-    for child in _children(pid):
-        try:
-            if b"ray" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(child)
-        except OSError:
-            continue
-    return found
-
-
-def _end_forked_copies() -> None:
-    """Kills children of this process that are still copies of it (forked, never exec'd)."""
-    own = Path("/proc/self/cmdline").read_bytes()
-    for pid in _children(os.getpid()):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes() == own:
-                os.kill(pid, signal.SIGKILL)
-        except OSError:
-            continue
-
-
-def _children(pid: int) -> list[int]:
-    return _processes_with(1, pid)  # field 1 after the name in /proc/<pid>/stat: the parent
-
-
-def _session_members(sid: int) -> list[int]:
-    return _processes_with(4, sid)  # field 4: the session
-
-
-def _processes_with(stat_field: int, value: int) -> list[int]:
-    """The processes whose /proc/<pid>/stat field (counted after the command name) equals value."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[stat_field]) == value:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
-def _wait_gone(pids: list[int], seconds: float = 15) -> bool:
-    deadline = time.monotonic() + seconds
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
-        time.sleep(0.2)
-    return not pids
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
-
-
-def _kill_session(sid: int) -> None:
-    """Ends what the killed driver's local Ray left in its session (the test started that session)."""
-    if _wait_gone(_session_members(sid), seconds=10):
-        return
-    left = [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in _session_members(sid) if Path(f"/proc/{p}").exists()]
-    print(f"left behind by the killed driver's Ray, now killed: {left}")
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    _wait_gone(_session_members(sid), seconds=10)
