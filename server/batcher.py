@@ -33,15 +33,17 @@ import numpy as np
 
 from server.errors import DeadlineExceeded, EmbedError, InferenceFailed, Unavailable
 from server.metrics import Metrics
-from server.model import BatchOutput
+from server.model import BatchOutput, Tokens
 from server.runtime import ComputeThread
 from server.supervision import Supervisor
 from server.throughput import ForwardTimes
+from server.tokens import PatchTokens, TokenOptions
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[list[np.ndarray]], BatchOutput]
-"""A batch's images, each uint8 [S, S], in: the model assembles them where they go (server/staging.py)."""
+Forward = Callable[..., BatchOutput]
+"""`forward(pixels)`, or `forward(pixels, tokens)` when an image of the batch asks for its patch tokens:
+a batch's images, each uint8 [S, S], in; the model assembles them where they go (server/staging.py)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ItemOutput:
     queue_s: float
     inference_s: float
     batch_size: int
+    patches: PatchTokens | None = None
 
 
 class Sink(Protocol):
@@ -72,6 +75,7 @@ class _Entry:
     index: int
     deadline: float | None  # time.monotonic() seconds
     enqueued_at: float = field(default_factory=time.monotonic)
+    tokens: TokenOptions | None = None
 
 
 class _FutureSink:
@@ -154,12 +158,19 @@ class Batcher:
         if self.supervisor.stalled:
             raise Unavailable("inference is stuck on an earlier batch; retry on another server")
 
-    def put(self, items: Iterable[tuple[int, np.ndarray]], sink: Sink, deadline: float | None) -> int:
-        """Queues a chunk of one request's images, (index, pixels) each; returns how many."""
+    def put(
+        self,
+        items: Iterable[tuple[int, np.ndarray]],
+        sink: Sink,
+        deadline: float | None,
+        tokens: TokenOptions | None = None,
+    ) -> int:
+        """Queues a chunk of one request's images, (index, pixels) each, asking for their patch tokens
+        when `tokens`; returns how many."""
         self.accepting()
         now = time.monotonic()
         before = len(self._pending)
-        self._pending.extend(_Entry(pixels, sink, index, deadline, now) for index, pixels in items)
+        self._pending.extend(_Entry(pixels, sink, index, deadline, now, tokens) for index, pixels in items)
         self._metrics.queue_depth.set(len(self._pending))
         self._wakeup.set()
         return len(self._pending) - before
@@ -230,7 +241,8 @@ class Batcher:
             entry = batch[row]
             queued = started - entry.enqueued_at
             self._metrics.queue_seconds.observe(queued)
-            item = ItemOutput(output.cls[out_row], output.mean[out_row], queued, elapsed, len(rows))
+            patches = output.patches[out_row] if output.patches is not None else None
+            item = ItemOutput(output.cls[out_row], output.mean[out_row], queued, elapsed, len(rows), patches)
             entry.sink.settle(entry.index, item)
 
     def _forward_wanted(self, batch: list[_Entry]) -> tuple[list[int], BatchOutput | None]:
@@ -243,7 +255,9 @@ class Batcher:
         rows = [row for row, e in enumerate(batch) if e.sink.wanted() and (e.deadline is None or now < e.deadline)]
         if not rows:
             return rows, None
-        output = self._forward([batch[row].pixels for row in rows])
+        pixels = [batch[row].pixels for row in rows]
+        tokens: Tokens = [batch[row].tokens for row in rows]
+        output = self._forward(pixels, tokens) if any(tokens) else self._forward(pixels)  # type: ignore[arg-type]
         if len(output.cls) != len(rows) or len(output.mean) != len(rows):
             raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(rows)} images")
         return rows, output

@@ -24,7 +24,8 @@ from google.protobuf.message import DecodeError
 from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 from server import errors
 from server.model import Pooling
-from server.service import EmbedOptions, EmbedService, ImageResult, Lane
+from server.service import EmbedOptions, EmbedService, ImageResult, Lane, ServiceInfo
+from server.tokens import TokenOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,26 @@ def error_message(exc: errors.EmbedError) -> embed_pb2.Error:
     return embed_pb2.Error(code=status_of(exc).value[0], message=str(exc))
 
 
+_TOKEN_DTYPE = {
+    embed_pb2.TOKEN_DTYPE_UNSPECIFIED: "float32",
+    embed_pb2.TOKEN_DTYPE_FLOAT32: "float32",
+    embed_pb2.TOKEN_DTYPE_FLOAT16: "float16",
+    embed_pb2.TOKEN_DTYPE_BFLOAT16: "bfloat16",
+}
+_TOKEN_DTYPE_NUMBER = {name: number for number, name in _TOKEN_DTYPE.items() if number}
+
+
 def _options(request: embed_pb2.EmbedRequest) -> EmbedOptions:
     pooling = _POOLING.get(request.pooling)
     if pooling is None:
         raise errors.InvalidRequest(f"unknown pooling {request.pooling}")
-    return EmbedOptions(pooling=pooling, normalize=request.normalize)
+    tokens = None
+    if request.patch_tokens.enabled:
+        dtype = _TOKEN_DTYPE.get(request.patch_tokens.dtype)
+        if dtype is None:
+            raise errors.InvalidRequest(f"unknown patch token dtype {request.patch_tokens.dtype}")
+        tokens = TokenOptions(dtype, request.patch_tokens.normalize)
+    return EmbedOptions(pooling=pooling, normalize=request.normalize, patch_tokens=tokens)
 
 
 class MalformedRequest:
@@ -126,9 +142,12 @@ class _ImageBytes(Sequence[bytes]):
         return self._images[index].data
 
 
-def _check_response_size(request: embed_pb2.EmbedRequest, embedding_dim: int, limit: int) -> None:
+def _check_response_size(request: embed_pb2.EmbedRequest, info: ServiceInfo, limit: int) -> None:
     """Refuses a request whose answer could pass the message limit (ids are echoed back)."""
-    values = 4 * embedding_dim * (2 if request.pooling == embed_pb2.POOLING_CLS_MEAN else 1)
+    values = 4 * info.embedding_dim * (2 if request.pooling == embed_pb2.POOLING_CLS_MEAN else 1)
+    if request.patch_tokens.enabled:
+        itemsize = 4 if request.patch_tokens.dtype <= embed_pb2.TOKEN_DTYPE_FLOAT32 else 2
+        values += _PER_ITEM_BYTES + itemsize * info.embedding_dim * (info.image_size // info.patch_size) ** 2
     per_item = _PER_ITEM_BYTES + max(values, _ERROR_BYTES)
     size = 128 + sum(per_item + len(image.id.encode()) for image in request.images)
     if size > limit:
@@ -159,6 +178,11 @@ def _response(request: embed_pb2.EmbedRequest, results: list[ImageResult], start
             item.error.CopyFrom(error_message(result.error))
         else:
             item.values.extend(result.embedding.tolist())  # type: ignore[union-attr]
+            if (tokens := result.patch_tokens) is not None:
+                item.patch_tokens.rows, item.patch_tokens.cols = tokens.rows, tokens.cols
+                item.patch_tokens.dim = tokens.dim
+                item.patch_tokens.dtype = _TOKEN_DTYPE_NUMBER[tokens.dtype]
+                item.patch_tokens.data = tokens.data
     timing = response.timing
     timing.preprocess_ms = 1000 * max(r.preprocess_s for r in results)
     timing.queue_ms = 1000 * max(r.queue_s for r in results)
@@ -191,7 +215,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
             if isinstance(received, MalformedRequest):
                 raise errors.InvalidRequest(received.message)
             request = received.request
-            _check_response_size(request, self._service.info.embedding_dim, self._service.settings.max_request_bytes)
+            _check_response_size(request, self._service.info, self._service.settings.max_request_bytes)
             results = await self._service.embed(
                 _ImageBytes(request.images), _options(request), _request_deadline(request, deadline, started),
                 nbytes=received.nbytes, lane=lane,

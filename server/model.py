@@ -28,10 +28,13 @@ from server.preprocess import Normalization, configured_processor, normalization
 from server.runtime import ComputeThread, shared_compute_thread, tune_malloc
 from server.source import check_supported, locate
 from server.staging import Staging
+from server.tokens import PatchTokens, TokenOptions, to_host
 
 log = logging.getLogger(__name__)
 
 Pixels = np.ndarray | Sequence[np.ndarray]
+Tokens = Sequence[TokenOptions | None] | None
+"""Per image of a batch, the patch tokens it asks for (None: none); None for the whole batch: none at all."""
 """A batch of uint8 grayscale images: one [B, S, S] array, or B arrays of [S, S] or, not resized yet,
 of any [H, W] (the runner resizes those on its device, bit-exact: server/resize.py)."""
 
@@ -46,10 +49,22 @@ class Pooling(enum.Enum):
 
 @dataclass(frozen=True)
 class BatchOutput:
-    """Per image of a batch: the CLS token and the mean of the patch tokens, float32 [B, D]."""
+    """Per image of a batch: the CLS token and the mean of the patch tokens, float32 [B, D], and the
+    patch tokens of the images that asked for them (None for the others, or for all when none did)."""
 
     cls: np.ndarray
     mean: np.ndarray
+    patches: list[PatchTokens | None] | None = None
+
+    @staticmethod
+    def joined(parts: Sequence[BatchOutput]) -> BatchOutput:
+        """The parts of a split batch as one output, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        patches = None
+        if any(part.patches is not None for part in parts):
+            patches = [p for part in parts for p in (part.patches or [None] * len(part.cls))]
+        return BatchOutput(np.concatenate([p.cls for p in parts]), np.concatenate([p.mean for p in parts]), patches)
 
 
 def pool(cls_token: np.ndarray, patch_mean: np.ndarray, pooling: Pooling, normalize: bool) -> np.ndarray:
@@ -130,6 +145,7 @@ class ModelRunner:
         self.embedding_dim: int = int(config.hidden_size)
         self.attention = self.fast.attention_for(device, dtype)
         self._first_patch = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        self.patch_size: int = int(config.patch_size)
         self._mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
         self._compute = compute or shared_compute_thread()
@@ -218,6 +234,17 @@ class ModelRunner:
         return self.norm.image_size
 
     @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Rows and columns of patch tokens per image."""
+        side = self.image_size // self.patch_size
+        return side, side
+
+    def patch_token_bytes(self, options: TokenOptions) -> int:
+        """Bytes of one image's patch tokens in `options.dtype`."""
+        rows, cols = self.patch_grid
+        return rows * cols * self.embedding_dim * options.itemsize
+
+    @property
     def max_batch_size(self) -> int:
         """The most images this runner takes in one forward pass (the setting it was loaded with)."""
         return self.batch_limit(self._configured_batch)
@@ -259,23 +286,25 @@ class ModelRunner:
             return pixels.shape[1:] != square
         return any(image.shape != square for image in pixels)
 
-    def embed(self, pixels: Pixels) -> BatchOutput:
-        """Runs a batch of resized grayscale images through the model, on the compute thread.
+    def embed(self, pixels: Pixels, tokens: Tokens = None) -> BatchOutput:
+        """Runs a batch of resized grayscale images through the model, on the compute thread;
+        `tokens`, per image, the patch tokens to return beside the pooled outputs.
 
         On CUDA a batch that runs out of memory is split and its parts run in
         turn (halving again as needed), and the batch limit is lowered to the
         size that fits for the rest of the run; only an image that does not
         fit alone fails.
         """
-        return self._compute.run(self._embed, pixels)
+        return self._compute.run(self._embed, pixels, tokens)
 
-    def _embed(self, pixels: Pixels) -> BatchOutput:
+    def _embed(self, pixels: Pixels, tokens: Tokens = None) -> BatchOutput:
         count, start = len(pixels), 0
         limit_before = self._oom_limit
         parts: list[BatchOutput] = []
         while start < count:
             size = min(count - start, self._oom_limit or count)
-            output = self._forward_or_oom(pixels[start : start + size], splittable=size > 1)
+            part_tokens = tokens[start : start + size] if tokens is not None else None
+            output = self._forward_or_oom(pixels[start : start + size], part_tokens, splittable=size > 1)
             if output is None:
                 self._oom_limit = size // 2
                 continue
@@ -284,18 +313,16 @@ class ModelRunner:
         if self._oom_limit != limit_before:
             log.warning("CUDA out of memory on a batch of %d images: split and retried; batches are limited to %d "
                         "images from now on", count, self._oom_limit)  # fmt: skip
-        if len(parts) == 1:
-            return parts[0]
-        return BatchOutput(np.concatenate([p.cls for p in parts]), np.concatenate([p.mean for p in parts]))
+        return BatchOutput.joined(parts)
 
-    def _forward_or_oom(self, pixels: Pixels, splittable: bool) -> BatchOutput | None:
+    def _forward_or_oom(self, pixels: Pixels, tokens: Tokens, splittable: bool) -> BatchOutput | None:
         """One forward pass; None when it ran out of memory and the batch can be split.
 
         The error is dropped before memory is freed: its traceback holds the
         failed pass's activations.
         """
         try:
-            return self._forward_batch(pixels)
+            return self._forward_batch(pixels, tokens)
         except torch.OutOfMemoryError:
             if not splittable:
                 raise
@@ -304,13 +331,27 @@ class ModelRunner:
         return None
 
     @torch.inference_mode()
-    def _forward_batch(self, pixels: Pixels) -> BatchOutput:
+    def _forward_batch(self, pixels: Pixels, tokens: Tokens = None) -> BatchOutput:
         out = self._forward(pixel_values=self.pixel_values(pixels))
         hidden = out.last_hidden_state
         cls_token = out.pooler_output if out.pooler_output is not None else hidden[:, 0]
-        patch_mean = hidden[:, self._first_patch :].float().mean(dim=1)
+        patches = hidden[:, self._first_patch :]
+        patch_mean = patches.float().mean(dim=1)
         both = torch.cat((cls_token.float(), patch_mean), dim=1).cpu().numpy()  # one copy back, not two
-        return BatchOutput(cls=both[:, : self.embedding_dim], mean=both[:, self.embedding_dim :])
+        wanted = self._patch_tokens(patches, tokens) if tokens is not None and any(tokens) else None
+        return BatchOutput(cls=both[:, : self.embedding_dim], mean=both[:, self.embedding_dim :], patches=wanted)
+
+    def _patch_tokens(self, patches: torch.Tensor, tokens: Sequence[TokenOptions | None]) -> list[PatchTokens | None]:
+        """The patch tokens of the images that asked, one device-to-host copy per kind of ask."""
+        rows, cols = self.patch_grid
+        found: list[PatchTokens | None] = [None] * len(tokens)
+        for options in set(filter(None, tokens)):
+            picked = [row for row, asked in enumerate(tokens) if asked == options]
+            chosen = patches if len(picked) == len(tokens) else patches[torch.tensor(picked, device=patches.device)]
+            values = to_host(chosen, options)
+            for row, image_values in zip(picked, values, strict=True):
+                found[row] = PatchTokens(rows, cols, options.dtype, image_values)
+        return found
 
     def _measured_rate(self, size: int, seconds: float = 0.25) -> float | None:
         """Images/s of batches of `size` (one pass to warm up, then at least three and `seconds`);

@@ -38,14 +38,18 @@ from server.preprocess import ImageLimits, decode
 from server.resize import placement
 from server.runtime import MemoryPolicy
 from server.throughput import Estimate, Throughput
+from server.tokens import PatchTokens, TokenOptions
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EmbedOptions:
+    """How a request's images are answered: the pooled embedding, and their patch tokens if `patch_tokens`."""
+
     pooling: Pooling = Pooling.CLS
     normalize: bool = False
+    patch_tokens: TokenOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class ImageResult:
     preprocess_s: float = 0.0
     queue_s: float = 0.0
     inference_s: float = 0.0
+    patch_tokens: PatchTokens | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class ServiceInfo:
     max_queue_images: int
     max_queue_s: float
     server_version: str
+    patch_size: int
 
 
 def _package_version() -> str:
@@ -133,7 +139,7 @@ class _Request:
         if not pixels:
             return
         try:
-            self.queued += self._service.batcher.put(pixels, self, self.deadline)
+            self.queued += self._service.batcher.put(pixels, self, self.deadline, self.options.patch_tokens)
         except EmbedError as exc:
             self.answered_early += len(pixels)
             for index, _ in pixels:
@@ -166,7 +172,10 @@ class _Request:
         except Exception:
             log.exception("pooling failed on image %d", index)
             return ImageResult(error=Internal("internal error while pooling this image's embedding"))
-        return ImageResult(embedding, None, self.preprocess_s[index], out.queue_s, out.inference_s)
+        if self.options.patch_tokens is not None and out.patches is None:
+            log.error("image %d asked for patch tokens and the model returned none", index)
+            return ImageResult(error=Internal("internal error: the model returned no patch tokens for this image"))
+        return ImageResult(embedding, None, self.preprocess_s[index], out.queue_s, out.inference_s, out.patches)
 
 
 class EmbedService:
@@ -216,6 +225,7 @@ class EmbedService:
             max_queue_images=settings.max_queue_images,
             max_queue_s=settings.max_queue_s,
             server_version=_package_version(),
+            patch_size=runner.patch_size,
         )
         self.metrics.model_info.info({k: str(v) for k, v in vars(self.info).items()})
 
@@ -303,8 +313,9 @@ class EmbedService:
         limit = self.settings.max_images_per_request
         if len(images) > limit:
             raise InvalidRequest(f"request has {len(images)} images, over the limit of {limit} per request")
-        cost = Cost(len(images), nbytes if nbytes is not None else sum(len(data) for data in images))
-        self._memory.received(cost.nbytes)  # also before a refusal: its body was received and parsed
+        received = nbytes if nbytes is not None else sum(len(data) for data in images)
+        self._memory.received(received)  # also before a refusal: its body was received and parsed
+        cost = Cost(len(images), received + len(images) * self._check_patch_tokens(len(images), options))
         await self._admit(cost, deadline, wait)
         self._in_flight_changed()
         request = _Request(len(images), options, deadline, self)
@@ -329,6 +340,23 @@ class EmbedService:
         for outcome, count in outcomes.items():
             self.metrics.images.labels(outcome).inc(count)
         return results
+
+    def _check_patch_tokens(self, count: int, options: EmbedOptions) -> int:
+        """Bytes of one image's patch tokens (0 when not asked); refuses a request whose tokens alone
+        would pass the message limit, which bounds a response as it bounds a request."""
+        if options.patch_tokens is None:
+            return 0
+        each = self.runner.patch_token_bytes(options.patch_tokens)
+        limit = self.settings.max_request_bytes
+        if count * each > limit:
+            dtype = options.patch_tokens.dtype
+            half = "" if dtype != "float32" else ", or ask for float16 or bfloat16 (half the size)"
+            raise InvalidRequest(
+                f"the patch tokens of {count} images are {count * each} bytes ({each} each in {dtype}), over the "
+                f"response limit of {limit} bytes (max_request_bytes): send at most {limit // each} images per "
+                f"request{half}"
+            )
+        return each
 
     async def _admit(self, cost: Cost, deadline: float | None, wait: bool) -> None:
         """Takes `cost` into the work in flight, or raises `Overloaded` (counted by the bound that refused it)."""

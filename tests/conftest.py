@@ -22,7 +22,7 @@ from PIL import Image
 from protos.dinov2.v1 import embed_pb2_grpc
 from server.app import EmbedServer
 from server.config import Settings
-from server.model import ModelRunner, Pixels, Pooling, pool
+from server.model import ModelRunner, Pixels, Pooling, Tokens, pool
 from server.preprocess import configured_processor
 from server.random_model import build_model_dir
 from tests import images
@@ -115,7 +115,7 @@ class ControlledRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
-    def embed(self, pixels: Pixels) -> Any:
+    def embed(self, pixels: Pixels, tokens: Tokens = None) -> Any:
         self.calls += 1
         with self._allowance:
             self._allowance.wait_for(lambda: self.images_seen + len(pixels) <= self.allowed_images)
@@ -124,7 +124,7 @@ class ControlledRunner:
             self.fail_batches = max(0, self.fail_batches - 1)
             raise RuntimeError("injected fault")
         self.images_seen += len(pixels)
-        return self._runner.embed(pixels)
+        return self._runner.embed(pixels, tokens)
 
     def allow(self, images: float) -> None:
         """Batches that would take the count of images seen past `images` wait (in the model) until raised."""

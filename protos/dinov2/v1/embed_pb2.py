@@ -24,31 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/dinov2/v1/embed.proto\x12\tdinov2.v1\"!\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\n\n\x02id\x18\x02 \x01(\t\"|\n\x0c\x45mbedRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.dinov2.v1.Image\x12#\n\x07pooling\x18\x02 \x01(\x0e\x32\x12.dinov2.v1.Pooling\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"H\n\tEmbedding\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.dinov2.v1.Error\"Y\n\x06Timing\x12\x15\n\rpreprocess_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"}\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.dinov2.v1.Embedding\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.dinov2.v1.Error\x12!\n\x06timing\x18\x03 \x01(\x0b\x32\x11.dinov2.v1.Timing\"\r\n\x0bInfoRequest\"\xc9\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x12\n\nimage_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x1e\n\x16max_images_per_request\x18\x08 \x01(\x05\x12\x17\n\x0fmax_image_bytes\x18\t \x01(\x03\x12\x18\n\x10max_image_pixels\x18\n \x01(\x03\x12\x19\n\x11max_request_bytes\x18\x0b \x01(\x03\x12\x18\n\x10max_queue_images\x18\x0c \x01(\x05\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x13\n\x0bmax_queue_s\x18\x0e \x01(\x01*[\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPOOLING_CLS\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02\x12\x14\n\x10POOLING_CLS_MEAN\x10\x03\x32\xc2\x01\n\x05\x45mbed\x12:\n\x05\x45mbed\x12\x17.dinov2.v1.EmbedRequest\x1a\x18.dinov2.v1.EmbedResponse\x12\x44\n\x0b\x45mbedStream\x12\x17.dinov2.v1.EmbedRequest\x1a\x18.dinov2.v1.EmbedResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x16.dinov2.v1.InfoRequest\x1a\x17.dinov2.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/dinov2/v1/embed.proto\x12\tdinov2.v1\"^\n\x12PatchTokensOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.dinov2.v1.TokenDtype\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"j\n\x0bPatchTokens\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12$\n\x05\x64type\x18\x04 \x01(\x0e\x32\x15.dinov2.v1.TokenDtype\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"!\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\n\n\x02id\x18\x02 \x01(\t\"\xb1\x01\n\x0c\x45mbedRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.dinov2.v1.Image\x12#\n\x07pooling\x18\x02 \x01(\x0e\x32\x12.dinov2.v1.Pooling\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x33\n\x0cpatch_tokens\x18\x05 \x01(\x0b\x32\x1d.dinov2.v1.PatchTokensOptions\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"v\n\tEmbedding\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.dinov2.v1.Error\x12,\n\x0cpatch_tokens\x18\x04 \x01(\x0b\x32\x16.dinov2.v1.PatchTokens\"Y\n\x06Timing\x12\x15\n\rpreprocess_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"}\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.dinov2.v1.Embedding\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.dinov2.v1.Error\x12!\n\x06timing\x18\x03 \x01(\x0b\x32\x11.dinov2.v1.Timing\"\r\n\x0bInfoRequest\"\xdd\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x12\n\nimage_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x1e\n\x16max_images_per_request\x18\x08 \x01(\x05\x12\x17\n\x0fmax_image_bytes\x18\t \x01(\x03\x12\x18\n\x10max_image_pixels\x18\n \x01(\x03\x12\x19\n\x11max_request_bytes\x18\x0b \x01(\x03\x12\x18\n\x10max_queue_images\x18\x0c \x01(\x05\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x13\n\x0bmax_queue_s\x18\x0e \x01(\x01\x12\x12\n\npatch_size\x18\x10 \x01(\x05*[\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPOOLING_CLS\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02\x12\x14\n\x10POOLING_CLS_MEAN\x10\x03*u\n\nTokenDtype\x12\x1b\n\x17TOKEN_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13TOKEN_DTYPE_FLOAT32\x10\x01\x12\x17\n\x13TOKEN_DTYPE_FLOAT16\x10\x02\x12\x18\n\x14TOKEN_DTYPE_BFLOAT16\x10\x03\x32\xc2\x01\n\x05\x45mbed\x12:\n\x05\x45mbed\x12\x17.dinov2.v1.EmbedRequest\x1a\x18.dinov2.v1.EmbedResponse\x12\x44\n\x0b\x45mbedStream\x12\x17.dinov2.v1.EmbedRequest\x1a\x18.dinov2.v1.EmbedResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x16.dinov2.v1.InfoRequest\x1a\x17.dinov2.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.dinov2.v1.embed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOLING']._serialized_start=883
-  _globals['_POOLING']._serialized_end=974
-  _globals['_IMAGE']._serialized_start=43
-  _globals['_IMAGE']._serialized_end=76
-  _globals['_EMBEDREQUEST']._serialized_start=78
-  _globals['_EMBEDREQUEST']._serialized_end=202
-  _globals['_ERROR']._serialized_start=204
-  _globals['_ERROR']._serialized_end=242
-  _globals['_EMBEDDING']._serialized_start=244
-  _globals['_EMBEDDING']._serialized_end=316
-  _globals['_TIMING']._serialized_start=318
-  _globals['_TIMING']._serialized_end=407
-  _globals['_EMBEDRESPONSE']._serialized_start=409
-  _globals['_EMBEDRESPONSE']._serialized_end=534
-  _globals['_INFOREQUEST']._serialized_start=536
-  _globals['_INFOREQUEST']._serialized_end=549
-  _globals['_INFORESPONSE']._serialized_start=552
-  _globals['_INFORESPONSE']._serialized_end=881
-  _globals['_EMBED']._serialized_start=977
-  _globals['_EMBED']._serialized_end=1171
+  _globals['_POOLING']._serialized_start=1207
+  _globals['_POOLING']._serialized_end=1298
+  _globals['_TOKENDTYPE']._serialized_start=1300
+  _globals['_TOKENDTYPE']._serialized_end=1417
+  _globals['_PATCHTOKENSOPTIONS']._serialized_start=43
+  _globals['_PATCHTOKENSOPTIONS']._serialized_end=137
+  _globals['_PATCHTOKENS']._serialized_start=139
+  _globals['_PATCHTOKENS']._serialized_end=245
+  _globals['_IMAGE']._serialized_start=247
+  _globals['_IMAGE']._serialized_end=280
+  _globals['_EMBEDREQUEST']._serialized_start=283
+  _globals['_EMBEDREQUEST']._serialized_end=460
+  _globals['_ERROR']._serialized_start=462
+  _globals['_ERROR']._serialized_end=500
+  _globals['_EMBEDDING']._serialized_start=502
+  _globals['_EMBEDDING']._serialized_end=620
+  _globals['_TIMING']._serialized_start=622
+  _globals['_TIMING']._serialized_end=711
+  _globals['_EMBEDRESPONSE']._serialized_start=713
+  _globals['_EMBEDRESPONSE']._serialized_end=838
+  _globals['_INFOREQUEST']._serialized_start=840
+  _globals['_INFOREQUEST']._serialized_end=853
+  _globals['_INFORESPONSE']._serialized_start=856
+  _globals['_INFORESPONSE']._serialized_end=1205
+  _globals['_EMBED']._serialized_start=1420
+  _globals['_EMBED']._serialized_end=1614
 # @@protoc_insertion_point(module_scope)
