@@ -25,6 +25,7 @@ from client.errors import EmbedItemsError, EmbedRequestError, ItemError, ItemRes
 from client.images import Item, encode_many, take
 from client.sender import Sender
 from client.streams import Lanes
+from client.tokens import host_dtype, stack_tokens, token_bytes, token_options
 from client.window import AdaptiveWindow, AsyncGate
 from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 
@@ -33,6 +34,7 @@ POOLINGS = {"cls": embed_pb2.POOLING_CLS, "mean": embed_pb2.POOLING_MEAN, "cls_m
 
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _MESSAGE_OVERHEAD = 64 * 1024  # room for protobuf framing and ids inside max_message_bytes
+_ITEM_OVERHEAD = 1024  # an answer's framing and echoed id, beside its values
 _WIRE_S = 5.0  # beyond a request's timeout, time for its answer to arrive
 
 
@@ -167,6 +169,38 @@ class AsyncEmbedClient:
             return np.empty((0, info.embedding_dim * (2 if wide else 1)), dtype=np.float32)
         return stack(results)
 
+    async def patch_tokens(
+        self,
+        images: Iterable[Any] | AsyncIterable[Any],
+        *,
+        ids: Sequence[str] | None = None,
+        dtype: str = "float16",
+        normalize: bool = False,
+        batch_size: int | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Every image's patch tokens (CLS and registers excluded): [N, rows, cols, dim] in input order.
+
+        `dtype` float32 (as computed), float16 or bfloat16 (half the bytes on
+        the wire; bfloat16 arrives widened to float32); `normalize`:
+        L2-normalize each token. Requests are cut small enough for their
+        answers to fit one message. Raises as `embed` does.
+        """
+        if ids is not None:
+            if isinstance(images, AsyncIterable):
+                raise TypeError("ids go with a list of images; an async iterable yields (id, image) pairs instead")
+            images = list(zip(ids, images, strict=True))
+        results: list[ItemResult] = []
+        async for batch in self.embed_batches(
+            images, batch_size=batch_size, window=window, timeout=timeout, patch_tokens=dtype,
+            normalize_tokens=normalize,
+        ):  # fmt: skip
+            results.extend(batch)
+        info = await self.info(timeout=timeout) if not any(r.ok for r in results) else None
+        side = info.image_size // max(1, info.patch_size) if info is not None else 0
+        return stack_tokens(results, (side, side, info.embedding_dim if info else 0), host_dtype(dtype))
+
     async def embed_iter(
         self,
         images: Iterable[Any] | AsyncIterable[Any],
@@ -176,16 +210,20 @@ class AsyncEmbedClient:
         batch_size: int | None = None,
         window: int | None = None,
         timeout: float | None = None,
+        patch_tokens: str | None = None,
+        normalize_tokens: bool = False,
     ) -> AsyncIterator[ItemResult]:
         """Streams results in input order, one `ItemResult` per input; failed images carry `error`.
 
         Reads `images` lazily (bare images or `(id, image)` pairs), so memory
         stays bounded by `batch_size x window`. Raises `EmbedRequestError` when a
-        whole request fails after retries.
+        whole request fails after retries. `patch_tokens` (a dtype name) also
+        asks for each image's patch tokens (`ItemResult.patch_tokens`).
         """
         async for batch in self.embed_batches(
-            images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout
-        ):
+            images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout,
+            patch_tokens=patch_tokens, normalize_tokens=normalize_tokens,
+        ):  # fmt: skip
             for result in batch:
                 yield result
 
@@ -198,6 +236,8 @@ class AsyncEmbedClient:
         batch_size: int | None = None,
         window: int | None = None,
         timeout: float | None = None,
+        patch_tokens: str | None = None,
+        normalize_tokens: bool = False,
     ) -> AsyncIterator[list[ItemResult]]:
         """`embed_iter`, one list per request: cheaper when results cross threads."""
         batch_size = _positive("batch_size", batch_size or self.batch_size)
@@ -206,6 +246,9 @@ class AsyncEmbedClient:
         template = embed_pb2.EmbedRequest(
             pooling=pooling_value(pooling), normalize=normalize, timeout_ms=_timeout_ms(timeout)
         )
+        if patch_tokens is not None:
+            template.patch_tokens.CopyFrom(token_options(patch_tokens, normalize_tokens))
+            batch_size = await self._token_batch_size(batch_size, patch_tokens, timeout)
         retry = self.connection.retry
         sender = Sender(
             Lanes(self._opened(), self.connection.metadata, answer_within(timeout)),
@@ -234,6 +277,13 @@ class AsyncEmbedClient:
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
             await sender.close()
+
+    async def _token_batch_size(self, batch_size: int, dtype: str, timeout: float | None) -> int:
+        """`batch_size`, lowered so that the patch tokens of a request's answer fit one message."""
+        info = await self.info(timeout=timeout)
+        each = token_bytes(info, dtype) + 8 * info.embedding_dim + _ITEM_OVERHEAD  # tokens, pooled values, id
+        room = self.connection.max_message_bytes - _MESSAGE_OVERHEAD
+        return max(1, min(batch_size, room // each))
 
     async def _requests(self, images: Iterable[Any] | AsyncIterable[Any], batch_size: int) -> AsyncIterator[list[Item]]:
         """The input cut into requests, read and encoded off the event loop."""

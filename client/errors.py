@@ -42,12 +42,14 @@ class ItemError:
 
 @dataclass(frozen=True)
 class ItemResult:
-    """One input's answer, at its input position: an embedding or an error, never both."""
+    """One input's answer, at its input position: an embedding or an error, never both; with its
+    patch tokens [rows, cols, dim] when they were asked for (client/tokens.py)."""
 
     index: int
     id: str
     embedding: np.ndarray | None = None
     error: ItemError | None = None
+    patch_tokens: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:

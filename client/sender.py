@@ -26,6 +26,7 @@ from client.connection import BUSY_CODES, ITEM_RETRY_CODES, RetryPolicy
 from client.errors import EmbedRequestError, ItemError, ItemResult
 from client.images import Item
 from client.streams import Lanes, StreamBroken
+from client.tokens import from_wire
 from client.window import AdaptiveWindow, AsyncGate
 from protos.dinov2.v1 import embed_pb2
 
@@ -150,4 +151,12 @@ def _result(item: Item, answer: embed_pb2.Embedding | None) -> ItemResult:
         return ItemResult(item.index, item.id, error=item.error)
     if answer.HasField("error"):
         return ItemResult(item.index, item.id, error=ItemError(answer.error.code, answer.error.message))
-    return ItemResult(item.index, item.id, embedding=np.asarray(answer.values, dtype=np.float32))
+    embedding = np.asarray(answer.values, dtype=np.float32)
+    if not answer.HasField("patch_tokens"):
+        return ItemResult(item.index, item.id, embedding=embedding)
+    try:
+        tokens = from_wire(answer.patch_tokens)
+    except ValueError as exc:
+        error = ItemError(_INTERNAL, f"server sent unreadable patch tokens: {exc}")
+        return ItemResult(item.index, item.id, error=error)
+    return ItemResult(item.index, item.id, embedding=embedding, patch_tokens=tokens)

@@ -107,6 +107,25 @@ class EmbedClient:
             )
         )  # fmt: skip
 
+    def patch_tokens(
+        self,
+        images: Iterable[Any],
+        *,
+        ids: Sequence[str] | None = None,
+        dtype: str = "float16",
+        normalize: bool = False,
+        batch_size: int | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Every image's patch tokens, [N, rows, cols, dim] in input order (see `AsyncEmbedClient.patch_tokens`)."""
+        return self._call(
+            self._async.patch_tokens(
+                images, ids=ids, dtype=dtype, normalize=normalize, batch_size=batch_size, window=window,
+                timeout=timeout,
+            )
+        )  # fmt: skip
+
     def embed_iter(
         self,
         images: Iterable[Any],
@@ -116,11 +135,14 @@ class EmbedClient:
         batch_size: int | None = None,
         window: int | None = None,
         timeout: float | None = None,
+        patch_tokens: str | None = None,
+        normalize_tokens: bool = False,
     ) -> Iterator[ItemResult]:
         """Streams `ItemResult`s in input order; failed images carry `error` (see `AsyncEmbedClient.embed_iter`)."""
         for batch in self.embed_batches(
-            images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout
-        ):
+            images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout,
+            patch_tokens=patch_tokens, normalize_tokens=normalize_tokens,
+        ):  # fmt: skip
             yield from batch
 
     def embed_batches(
@@ -132,11 +154,14 @@ class EmbedClient:
         batch_size: int | None = None,
         window: int | None = None,
         timeout: float | None = None,
+        patch_tokens: str | None = None,
+        normalize_tokens: bool = False,
     ) -> Iterator[list[ItemResult]]:
         """`embed_iter`, one list per request."""
         batches = self._async.embed_batches(
-            images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout
-        )
+            images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout,
+            patch_tokens=patch_tokens, normalize_tokens=normalize_tokens,
+        )  # fmt: skip
         current = _Current()
         try:
             while True:
