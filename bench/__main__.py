@@ -7,6 +7,7 @@
     python -m bench --fast-fidelity --photos-dir DIR   # --decode fast vs exact on photographs: CPU, cosine
     python -m bench --pipe-frames                  # CPU of full-size pixels through a decode worker's pipe
     python -m bench --overload --size base --dtype float32   # backpressure: bulk client, bursts, idle streams
+    python -m bench --patch-tokens --size small --dtype float32  # 64-image requests: patch tokens vs pooled
 
 Raw, service and seed-style are measured in alternating rounds while the
 server is up, and each path's best round is reported: on a shared machine a
@@ -25,7 +26,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import ablation, capacity, driver, fidelity, flops, host_path, machine, overload, paths, pipe_frames, report
+from bench import (
+    ablation,
+    capacity,
+    driver,
+    fidelity,
+    flops,
+    host_path,
+    machine,
+    overload,
+    patch_tokens,
+    paths,
+    pipe_frames,
+    report,
+)
 from bench.images import gray_jpegs
 from bench.server_proc import ServerProcess, server_breakdown
 from server.config import Settings
@@ -39,6 +53,7 @@ SMOKE = {
     "window": 4, "seed_images": 4, "unary_calls": 5, "distinct_images": 8, "matmul_seconds": 0.1,
     "ablate_seconds": 0.3, "rounds": 1,
 }  # fmt: skip
+TOKENS_SMOKE = {"size": "tiny", "service_images": 128, "distinct_images": 8, "rounds": 1, "window": 4}
 OVERLOAD_SMOKE = {"size": "tiny", "photos": 40, "burst_calls": 20, "idle_streams": 400, "settle_s": 1.0}
 HOST_SMOKE = {
     "distinct_images": 8, "request_images": 4, "window": 4, "rounds": 1, "decode_seconds": 0.2,
@@ -103,11 +118,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-streams", type=int, default=3000, help="--overload: idle streams of one caller")
     p.add_argument("--busy-loops", type=int, default=0, help="--overload: busy-loop processes beside it")
     p.add_argument("--settle-s", type=float, default=20.0, help="--overload: idle seconds before RSS after")
+    p.add_argument("--patch-tokens", action="store_true",
+                   help="only patch tokens against pooled outputs: 64-image EmbedStream requests")  # fmt: skip
+    p.add_argument("--token-dtype", default="float16", choices=list(patch_tokens.TOKEN_DTYPES),
+                   help="--patch-tokens: the tokens' dtype")  # fmt: skip
     args = p.parse_args(argv)
     args.request_images = args.request_images or (32 if args.host_path else 8)
     args.rounds = args.rounds or 3
     if args.smoke:
-        for key, value in (HOST_SMOKE if args.host_path else OVERLOAD_SMOKE if args.overload else SMOKE).items():
+        smoke = HOST_SMOKE if args.host_path else OVERLOAD_SMOKE if args.overload else SMOKE
+        for key, value in (TOKENS_SMOKE if args.patch_tokens else smoke).items():
             setattr(args, key, value)
     args.seed_images = min(args.seed_images, args.distinct_images)
     return args
@@ -236,7 +256,7 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     return result
 
 
-def server_flags(args: argparse.Namespace, model_dir: str, device: str, max_batch: int) -> list[str]:
+def server_flags(args: argparse.Namespace, model_dir: str, device: str, max_batch: int | str) -> list[str]:
     flags = ["--model", model_dir, "--dtype", args.dtype, "--device", device, "--host", "127.0.0.1",
              "--port", "0", "--metrics-port", "0", "--max-batch-size", str(max_batch)]  # fmt: skip
     if args.compile:
@@ -270,13 +290,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = module.run(args, str(build_model_dir(Path(tmp) / "null", "null")))
         else:
             model_dir = args.model or str(build_model_dir(Path(tmp) / args.size, args.size))
-            result = overload.run(args, model_dir) if args.overload else run(args, model_dir)
+            if args.patch_tokens:
+                flags = server_flags(args, model_dir, args.device, args.max_batch_size or "auto")
+                result = patch_tokens.run(args, model_dir, flags)
+            else:
+                result = overload.run(args, model_dir) if args.overload else run(args, model_dir)
     if args.pipe_frames:
         table = pipe_frames.table
     elif args.fast_fidelity:
         table = fidelity.table
     elif args.host_path:
         table = capacity.table if args.capacity else host_path.table
+    elif args.patch_tokens:
+        table = patch_tokens.table
     else:
         table = overload.table if args.overload else report.table
     print(table(result))

@@ -126,3 +126,15 @@ def test_pipe_frames_smoke_times_both_sides(tmp_path: Path) -> None:
     assert set(sizes) == {"512x512", "2 MP (1632x1224)", "12 MP (4000x3000)"}
     assert sizes["12 MP (4000x3000)"]["megabytes"] == 12.0
     assert all(r["reader_ms"] >= 0 and r["writer_ms"] >= 0 for r in sizes.values())
+
+
+def test_patch_tokens_smoke_compares_with_pooled_in_one_run(tmp_path: Path) -> None:
+    out = tmp_path / "tokens.json"
+    main(["--patch-tokens", "--smoke", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["kinds"]) == {"pooled", "patch_tokens_float16"}
+    pooled, tokens = result["kinds"].values()
+    assert result["throughput_ratio"] == tokens["images_per_s"] / pooled["images_per_s"]
+    assert tokens["server_cpu_ms_per_image"] > 0
+    side, dim = 224 // 14, 32  # the tiny model
+    assert result["response_bytes_64_images"] > 64 * side * side * dim * 2
