@@ -53,7 +53,7 @@ SMOKE = {
     "window": 4, "seed_images": 4, "unary_calls": 5, "distinct_images": 8, "matmul_seconds": 0.1,
     "ablate_seconds": 0.3, "rounds": 1,
 }  # fmt: skip
-TOKENS_SMOKE = {"size": "tiny", "service_images": 128, "distinct_images": 8, "rounds": 1, "window": 4}
+TOKENS_SMOKE = {"size": "tiny", "service_images": 128, "distinct_images": 8, "rounds": 1}
 OVERLOAD_SMOKE = {"size": "tiny", "photos": 40, "burst_calls": 20, "idle_streams": 400, "settle_s": 1.0}
 HOST_SMOKE = {
     "distinct_images": 8, "request_images": 4, "window": 4, "rounds": 1, "decode_seconds": 0.2,

@@ -21,6 +21,7 @@ from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
 
 REQUEST_IMAGES = 64
+WINDOW = 4  # 256 images in flight keep any model busy
 TOKEN_DTYPES = {
     "float32": pb.TOKEN_DTYPE_FLOAT32,
     "float16": pb.TOKEN_DTYPE_FLOAT16,
@@ -69,11 +70,12 @@ def run(args: argparse.Namespace, model_dir: str, server_flags: list[str]) -> di
     }
     best: dict[str, dict[str, float]] = {}
     load_start = machine.load_average()
-    with ServerProcess(server_flags) as server:
-        driver.stream(server.address, kinds["pooled"][:2], args.window)  # warm-up
+    # A 64-image request is many seconds of work on a CPU: the bench waits for its answers, it is not refused.
+    with ServerProcess([*server_flags, "--max-queue-s", "3600"]) as server:
+        driver.stream(server.address, kinds["pooled"][:2], WINDOW)  # warm-up
         for _ in range(args.rounds):
             for kind, requests in kinds.items():
-                measured = _round(server, requests, args.window)
+                measured = _round(server, requests, WINDOW)
                 if kind not in best or measured["images_per_s"] > best[kind]["images_per_s"]:
                     best[kind] = measured
         size = _response_bytes(server.address, datas, tokens)
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace, model_dir: str, server_flags: list[str]) -> di
                     "load_average_end": machine.load_average()},
         "config": {"model": model_dir, "size": args.size, "dtype": args.dtype, "token_dtype": args.token_dtype,
                    "request_images": REQUEST_IMAGES, "images_per_round": total, "rounds": args.rounds,
-                   "window": args.window, "when": time.strftime("%Y-%m-%d %H:%M:%S")},
+                   "window": WINDOW, "when": time.strftime("%Y-%m-%d %H:%M:%S")},
         "kinds": best,
         "throughput_ratio": patches["images_per_s"] / pooled["images_per_s"],
         "response_bytes_64_images": size,
