@@ -16,7 +16,7 @@ stdout as they come, and nothing is kept for a resume.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -27,14 +27,14 @@ from client import manifest as manifests
 from client.backends import Backend
 from client.consolidate import consolidate, failures_path, write_failures
 from client.errors import EmbedClientError, ItemError, ItemResult, UsageError, fix_before_rerun
+from client.listing import Listing, Skip, pairs
 from client.manifest import Identity, Manifest, ManifestMismatch
 from client.output import JsonLinesWriter, ids_path
 from client.progress import Progress, Waiting
 from client.shards import JobLocked, JobState, ShardWriter, parts_folder
-from client.sources import InputCounter, Inputs, Tally
+from client.sources import InputCounter, Inputs
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-_INVALID_ARGUMENT = 3
 
 
 class JobError(EmbedClientError):
@@ -56,50 +56,6 @@ class JobOptions:
     shard_seconds: float = 10.0
     progress: str = "off"
     log_every_s: float = 10.0
-
-
-class Listing:
-    """The `select` of a job's inputs: numbers each distinct id (its output position), drops repeats and done ids."""
-
-    def __init__(self, skip: Container[str]) -> None:
-        self.skip = skip
-        self.positions: dict[str, int] = {}
-        self.repeated = 0
-        self.repeated_examples: list[str] = []
-        self.skipped = 0
-        self.tally = Tally()
-
-    def __call__(self, image_id: str) -> bool:
-        if image_id in self.positions:
-            self.repeated += 1
-            if len(self.repeated_examples) < 3:
-                self.repeated_examples.append(image_id)
-            return False
-        self.positions[image_id] = len(self.positions)
-        if image_id in self.skip:
-            self.skipped += 1
-            return False
-        return True
-
-
-class _Skip:
-    """Ids with a row, and (unless retried) ids that failed before."""
-
-    def __init__(self, done: set[str], failed: dict[str, ItemError] | None) -> None:
-        self.done, self.failed = done, failed
-
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self.done or (self.failed is not None and image_id in self.failed)
-
-
-def _pairs(inputs: Inputs, listing: Listing, line_ids_only: bool) -> Iterator[tuple[str, Any]]:
-    """The selected inputs as `(id, image)`; an id an ids file cannot hold fails here, not at the end."""
-    for source in inputs.sources(listing, listing.tally):
-        if line_ids_only and ("\n" in source.id or "\r" in source.id):
-            message = "the id has a line break, which an .ids.txt file cannot hold; write .parquet or .npz"
-            yield source.id, ItemError(_INVALID_ARGUMENT, message)
-        else:
-            yield source.id, source.image
 
 
 def _check_writable(out: Path) -> None:
@@ -213,7 +169,7 @@ class Job:
         out: Path = options.out  # type: ignore[assignment]
         done = state.done_ids()
         self.failures = state.failures(done)
-        skip = _Skip(done, None if options.retry_failed else self.failures)
+        skip = Skip(done, None if options.retry_failed else self.failures)
         listing = Listing(skip)
         writer = ShardWriter(state, options.shard_rows, options.shard_seconds)
         self.dim = self.manifest.identity.dim
@@ -282,8 +238,8 @@ class Job:
         counter = InputCounter(self.options.inputs, skip) if progress.mode != "off" else None
         if counter is not None:
             counter.start()
-        pairs = _pairs(self.options.inputs, listing, out is not None and out.suffix.lower() == ".npy")
-        batches = backend.embed_batches(pairs, self.options.pooling, self.options.normalize)
+        selected = pairs(self.options.inputs, listing, out is not None and out.suffix.lower() == ".npy")
+        batches = backend.embed_batches(selected, self.options.pooling, self.options.normalize)
         try:
             for batch in batches:
                 failed = 0
