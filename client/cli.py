@@ -3,6 +3,7 @@
     python -m client embed photos/ shards/*.tar --server localhost:50051 -o photos.parquet
     python -m client embed --resume -o photos.parquet          # same inputs and options as recorded
     python -m client embed photos/ --runpod-endpoint ID -o photos.npy
+    python -m client embed photos/ --server localhost:50051 --patch-tokens float16 -o tokens.npy
     python -m client info --server localhost:50051
 
 With -o, results are committed to shards in OUT.parts/ as they arrive and
@@ -31,7 +32,7 @@ from google.protobuf.message import Message
 
 from client import manifest as manifests
 from client.async_client import POOLINGS
-from client.backends import Backend, GrpcBackend, RunPodBackend
+from client.backends import RUNPOD_NO_TOKENS, Backend, GrpcBackend, RunPodBackend, TokenAsk
 from client.connection import RetryPolicy
 from client.errors import EmbedClientError
 from client.job import EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, Job, JobOptions
@@ -69,10 +70,17 @@ def _parser() -> argparse.ArgumentParser:
                               "OUT.parts/); JSON lines on stdout without it")  # fmt: skip
         sub.add_argument("--pooling", choices=list(POOLINGS), help="[cls]")
         sub.add_argument("--normalize", action=argparse.BooleanOptionalAction, help="L2-normalize each embedding")
+        sub.add_argument("--patch-tokens", metavar="{float32,float16}",
+                         help="write each image's patch tokens (CLS and registers excluded) in this dtype "
+                              "instead of its pooled embedding: OUT.npy [N, rows, cols, dim] or OUT.parquet; "
+                              "gRPC only")  # fmt: skip
+        sub.add_argument("--normalize-tokens", action=argparse.BooleanOptionalAction,
+                         help="L2-normalize each patch token")  # fmt: skip
         sub.add_argument("--batch-size", type=int,
                          help="images per request [32, or the server's limit when lower; RunPod 16]")  # fmt: skip
         sub.add_argument("--window", type=int,
-                         help="most requests in flight; fewer while the server is busy [8; RunPod 4]")  # fmt: skip
+                         help="most requests in flight; fewer while the server is busy [8, fewer when their patch "
+                              "tokens would pass 512 MiB; RunPod 4]")  # fmt: skip
         sub.add_argument("--resume", action="store_true",
                          help="continue the job at OUT (its recorded inputs and options unless given); "
                               "running the same command again does the same")  # fmt: skip
@@ -146,6 +154,7 @@ def _options(args: argparse.Namespace, stderr: IO[str]) -> JobOptions:
             raise ValueError("writing .parquet needs pyarrow (pip install pyarrow); or write .npy or .npz") from None
     inputs = Inputs(tuple(args.paths), args.from_list)
     pooling, normalize = args.pooling, args.normalize
+    token_dtype, normalize_tokens = args.patch_tokens, args.normalize_tokens
     if args.resume and out is None:
         raise ValueError("--resume needs -o OUT, the output of the job to resume")
     if args.resume and not args.paths and args.from_list is None:
@@ -155,6 +164,8 @@ def _options(args: argparse.Namespace, stderr: IO[str]) -> JobOptions:
         inputs = Inputs(recorded.inputs, Path(recorded.from_list) if recorded.from_list else None)
         pooling = pooling or recorded.identity.pooling
         normalize = recorded.identity.normalize if normalize is None else normalize
+        token_dtype = token_dtype or recorded.identity.patch_tokens or None
+        normalize_tokens = recorded.identity.normalize_tokens if normalize_tokens is None else normalize_tokens
     inputs.check()
     for name in ("batch_size", "window", "shard_size"):
         value = getattr(args, name)
@@ -168,8 +179,20 @@ def _options(args: argparse.Namespace, stderr: IO[str]) -> JobOptions:
     return JobOptions(
         inputs=inputs, out=out, pooling=pooling or "cls", normalize=bool(normalize), resume=args.resume,
         overwrite=args.overwrite, retry_failed=args.retry_failed, shard_rows=args.shard_size,
-        progress=progress, log_every_s=args.log_every,
+        progress=progress, log_every_s=args.log_every, tokens=_tokens(args, token_dtype, normalize_tokens),
     )  # fmt: skip
+
+
+def _tokens(args: argparse.Namespace, dtype: str | None, normalize: bool | None) -> TokenAsk | None:
+    """The patch tokens asked for, if any; refuses the pooled embedding's options beside them."""
+    if dtype is None:
+        if args.normalize_tokens:
+            raise ValueError("--normalize-tokens goes with --patch-tokens float32|float16")
+        return None
+    if args.pooling or args.normalize:
+        raise ValueError("--pooling and --normalize shape the pooled embedding, which a --patch-tokens job does not "
+                         "write; give --normalize-tokens to L2-normalize each token")  # fmt: skip
+    return TokenAsk(dtype, bool(normalize))
 
 
 def _backend_factory(args: argparse.Namespace, waiting: Waiting) -> Callable[[], Backend]:
@@ -180,6 +203,8 @@ def _backend_factory(args: argparse.Namespace, waiting: Waiting) -> Callable[[],
             raise ValueError("give --endpoint-id / --runpod-endpoint (or a --base-url that serves /runsync itself)")
         if args.server:
             raise ValueError("give either --server or a RunPod endpoint, not both")
+        if args.patch_tokens:
+            raise ValueError(RUNPOD_NO_TOKENS)
 
         def runpod() -> Backend:
             return RunPodBackend(
@@ -192,7 +217,7 @@ def _backend_factory(args: argparse.Namespace, waiting: Waiting) -> Callable[[],
 
     def grpc() -> Backend:
         return GrpcBackend(
-            args.server or ["localhost:50051"], batch_size=args.batch_size, window=args.window or 8,
+            args.server or ["localhost:50051"], batch_size=args.batch_size, window=args.window,
             timeout=args.timeout or 60.0, retry_for_s=args.retry_for, tls=args.tls, tls_ca=args.tls_ca,
             api_key=args.api_key or os.environ.get("DINOV2_API_KEY"), on_retry=waiting,
             on_window=waiting.window_changed,

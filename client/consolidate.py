@@ -22,8 +22,13 @@ import numpy as np
 
 from client.errors import ItemError
 from client.manifest import sync_folder
-from client.output import open_writer
+from client.output import Layout, open_writer
 from client.shards import failure_line, read_ids, read_shard
+
+_CHUNK_ROWS = 8192
+_CACHED_SHARDS = 8
+_POOLED_ROW_BYTES = 2 * 1536 * 4  # a row of unknown size (a RunPod job's first) is pooled: cls_mean of a giant at most
+_ROW = [("position", np.int64), ("shard", np.int32), ("row", np.int32)]
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,24 @@ def consolidate(
     shards: list[Path],
     out: Path,
     positions: Mapping[str, int],
-    chunk_rows: int = 8192,
-    cached_shards: int = 8,
-    dim: int = 0,
+    layout: Layout | None = None,
+    chunk_bytes: int = 32 * 2**20,
+    cache_bytes: int = 128 * 2**20,
 ) -> Consolidated:
     """Writes every row of `shards` whose id is in `positions` to `out`, ordered by position.
 
-    `dim`: the row size, declared even when there are no rows ([0, dim]).
+    `layout`: what a row holds, declared even when there are no rows ([0, D]). Memory is bounded by
+    `chunk_bytes` of rows being written (at most 8192 rows) and `cache_bytes` of shards kept read
+    (at most 8 shards, at least one): patch tokens are hundreds of KB a row.
     """
-    order, left_out = _order(shards, positions)
-    load = functools.lru_cache(maxsize=cached_shards)(read_shard)
-    writer = open_writer(out, None, dim)  # type: ignore[arg-type]
+    layout = layout or Layout()
+    order, left_out, longest = _order(shards, positions)
+    row_bytes = layout.row_bytes or _POOLED_ROW_BYTES
+    chunk_rows = max(1, min(_CHUNK_ROWS, chunk_bytes // row_bytes))
+    cached = max(1, min(_CACHED_SHARDS, cache_bytes // max(1, longest * row_bytes)))
+    load = functools.lru_cache(maxsize=cached)(read_shard)
+    writer = open_writer(out, None, layout)  # type: ignore[arg-type]
+    dim = layout.shape[-1]
     try:
         for start in range(0, len(order), chunk_rows):
             chunk = order[start : start + chunk_rows]
@@ -66,12 +78,12 @@ def consolidate(
                 rows = chunk["row"][where]
                 shard_ids, embeddings = load(shards[shard_index])
                 if block is None:
-                    block = np.empty((len(chunk), embeddings.shape[1]), dtype=np.float32)
+                    block = np.empty((len(chunk), *embeddings.shape[1:]), dtype=layout.dtype)
                 block[where] = embeddings[rows]
                 for slot, row in zip(where.tolist(), rows.tolist(), strict=True):
                     ids[slot] = shard_ids[row]
             assert block is not None
-            dim = block.shape[1]
+            dim = block.shape[-1]
             writer.add(ids, block)
         writer.close()
     except BaseException:
@@ -81,24 +93,26 @@ def consolidate(
     return Consolidated(len(order), dim, left_out)
 
 
-def _order(shards: list[Path], positions: Mapping[str, int]) -> tuple[np.ndarray, int]:
-    """(position, shard, row) of every row to write, sorted by position, one per position."""
+def _order(shards: list[Path], positions: Mapping[str, int]) -> tuple[np.ndarray, int, int]:
+    """(position, shard, row) of every row to write, sorted by position, one per position; the rows left
+    out; the most rows a shard holds."""
     parts = []
-    left_out = 0
+    left_out = longest = 0
     for shard_index, shard in enumerate(shards):
         found = np.array([positions.get(image_id, -1) for image_id in read_ids(shard)], dtype=np.int64)
         keep = np.flatnonzero(found >= 0)
         left_out += len(found) - len(keep)
-        part = np.empty(len(keep), dtype=[("position", np.int64), ("shard", np.int32), ("row", np.int32)])
+        longest = max(longest, len(found))
+        part = np.empty(len(keep), dtype=_ROW)
         part["position"], part["shard"], part["row"] = found[keep], shard_index, keep
         parts.append(part)
     if not parts:
-        return np.empty(0, dtype=[("position", np.int64), ("shard", np.int32), ("row", np.int32)]), 0
+        return np.empty(0, dtype=_ROW), 0, 0
     everything = np.concatenate(parts)
     everything = everything[np.argsort(everything["position"], kind="stable")]
     first = np.ones(len(everything), dtype=bool)
     first[1:] = everything["position"][1:] != everything["position"][:-1]
-    return everything[first], left_out
+    return everything[first], left_out, longest
 
 
 def write_failures(out: Path, failures: Mapping[str, ItemError], positions: Mapping[str, int]) -> int:

@@ -10,96 +10,31 @@ backend, a bounded number of requests in flight, while results are committed
 to shards as they arrive (client/shards.py). When the listing is exhausted,
 the shards are consolidated into OUT in position order (client/consolidate.py)
 and the failures into OUT's failures file. Without OUT, JSON lines go to
-stdout as they come, and nothing is kept for a resume.
+stdout as they come, and nothing is kept for a resume. A job may write each
+image's patch tokens instead of its pooled embedding (`JobOptions.tokens`):
+the same machinery, with a row of [rows, cols, D] (client/output.py `Layout`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Container, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import IO, Any
-
-import numpy as np
 
 from client import manifest as manifests
 from client.backends import Backend
 from client.consolidate import consolidate, failures_path, write_failures
 from client.errors import EmbedClientError, ItemError, ItemResult, UsageError, fix_before_rerun
+from client.job_options import JobError, JobOptions, layout, row_of, sizes
+from client.listing import Listing, Skip, pairs
 from client.manifest import Identity, Manifest, ManifestMismatch
-from client.output import JsonLinesWriter, ids_path
+from client.output import JsonLinesWriter, Layout, ids_path
 from client.progress import Progress, Waiting
 from client.shards import JobLocked, JobState, ShardWriter, parts_folder
-from client.sources import InputCounter, Inputs, Tally
+from client.sources import InputCounter, Inputs
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-_INVALID_ARGUMENT = 3
-
-
-class JobError(EmbedClientError):
-    """The job must stop: the service answered something the job's rows cannot take."""
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """What `python -m client embed` was asked to do."""
-
-    inputs: Inputs
-    out: Path | None
-    pooling: str = "cls"
-    normalize: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    retry_failed: bool = False
-    shard_rows: int = 1024
-    shard_seconds: float = 10.0
-    progress: str = "off"
-    log_every_s: float = 10.0
-
-
-class Listing:
-    """The `select` of a job's inputs: numbers each distinct id (its output position), drops repeats and done ids."""
-
-    def __init__(self, skip: Container[str]) -> None:
-        self.skip = skip
-        self.positions: dict[str, int] = {}
-        self.repeated = 0
-        self.repeated_examples: list[str] = []
-        self.skipped = 0
-        self.tally = Tally()
-
-    def __call__(self, image_id: str) -> bool:
-        if image_id in self.positions:
-            self.repeated += 1
-            if len(self.repeated_examples) < 3:
-                self.repeated_examples.append(image_id)
-            return False
-        self.positions[image_id] = len(self.positions)
-        if image_id in self.skip:
-            self.skipped += 1
-            return False
-        return True
-
-
-class _Skip:
-    """Ids with a row, and (unless retried) ids that failed before."""
-
-    def __init__(self, done: set[str], failed: dict[str, ItemError] | None) -> None:
-        self.done, self.failed = done, failed
-
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self.done or (self.failed is not None and image_id in self.failed)
-
-
-def _pairs(inputs: Inputs, listing: Listing, line_ids_only: bool) -> Iterator[tuple[str, Any]]:
-    """The selected inputs as `(id, image)`; an id an ids file cannot hold fails here, not at the end."""
-    for source in inputs.sources(listing, listing.tally):
-        if line_ids_only and ("\n" in source.id or "\r" in source.id):
-            message = "the id has a line break, which an .ids.txt file cannot hold; write .parquet or .npz"
-            yield source.id, ItemError(_INVALID_ARGUMENT, message)
-        else:
-            yield source.id, source.image
 
 
 def _check_writable(out: Path) -> None:
@@ -126,7 +61,7 @@ class Job:
         self.stdout, self.stderr = stdout, stderr
         self.failures: dict[str, ItemError] = {}
         self.embedded = 0
-        self.dim = 0
+        self.layout = Layout()
         self.manifest: Manifest = None  # type: ignore[assignment]  # set once the job's state is open
 
     def say(self, text: str) -> None:
@@ -176,7 +111,7 @@ class Job:
     def _with_backend(self, backend: Backend, state: JobState | None, previous: Manifest | None) -> int:
         options = self.options
         try:
-            identity = backend.identity(options.pooling, options.normalize)
+            identity = backend.identity(options.pooling, options.normalize, options.tokens)
         except EmbedClientError as exc:
             self.say(f"error: {exc}; nothing written")
             return EXIT_JOB_FAILED
@@ -213,23 +148,23 @@ class Job:
         out: Path = options.out  # type: ignore[assignment]
         done = state.done_ids()
         self.failures = state.failures(done)
-        skip = _Skip(done, None if options.retry_failed else self.failures)
+        skip = Skip(done, None if options.retry_failed else self.failures)
         listing = Listing(skip)
-        writer = ShardWriter(state, options.shard_rows, options.shard_seconds)
-        self.dim = self.manifest.identity.dim
+        self.layout = layout(self.manifest.identity)
+        writer = ShardWriter(state, options.shard_rows, options.shard_seconds, dtype=self.layout.dtype)
         if done:
             self.say(f"resuming {state.folder}/: {len(done)} images done before" +
                      (f", {len(self.failures)} failed" if self.failures else ""))  # fmt: skip
 
         def add(result: ItemResult) -> None:
-            embedding: np.ndarray = result.embedding  # type: ignore[assignment]
-            if not self.dim:  # a RunPod job learns its row size from the first row
-                self.dim = len(embedding)
-                self._save(state, identity=dataclasses.replace(self.manifest.identity, dim=self.dim))
-            if len(embedding) != self.dim:
-                raise JobError(f"the service answered {len(embedding)} values for {result.id!r}, but this job's "
-                               f"rows have {self.dim}: did a server change model?")  # fmt: skip
-            writer.add(result.id, embedding)
+            row = row_of(result, self.options.tokens)
+            if not self.layout.row_bytes:  # a RunPod job learns its row size from the first row
+                self.layout = Layout(row.shape, self.layout.dtype)
+                self._save(state, identity=dataclasses.replace(self.manifest.identity, dim=row.shape[-1]))
+            if row.shape != self.layout.shape:
+                raise JobError(f"the service answered {sizes(row.shape)} values for {result.id!r}, but this job's "
+                               f"rows have {sizes(self.layout.shape)}: did a server change model?")  # fmt: skip
+            writer.add(result.id, row)
             self.failures.pop(result.id, None)
 
         def fail(result: ItemResult) -> None:
@@ -260,8 +195,9 @@ class Job:
             return self._nothing_to_embed(listing)
         left_out = sum(1 for image_id in done if image_id not in positions)
         if not was_complete or writer.committed_rows or writer.committed_failures or left_out or not out.exists():
-            result = consolidate(state.shards(), out, positions, dim=self.dim)
-            self.dim = result.dim or self.dim
+            result = consolidate(state.shards(), out, positions, self.layout)
+            if result.dim and not self.layout.row_bytes:
+                self.layout = Layout((result.dim,))
             failed = write_failures(out, self.failures, positions)
             self._save(state, complete=True, rows=result.rows, failed=failed)
             rows = result.rows
@@ -282,23 +218,23 @@ class Job:
         counter = InputCounter(self.options.inputs, skip) if progress.mode != "off" else None
         if counter is not None:
             counter.start()
-        pairs = _pairs(self.options.inputs, listing, out is not None and out.suffix.lower() == ".npy")
-        batches = backend.embed_batches(pairs, self.options.pooling, self.options.normalize)
+        selected = pairs(self.options.inputs, listing, out is not None and out.suffix.lower() == ".npy")
+        batches = backend.embed_batches(selected, self.options.pooling, self.options.normalize, self.options.tokens)
         try:
             for batch in batches:
                 failed = 0
                 for result in batch:
-                    if result.embedding is not None:
+                    if result.ok:
                         add(result)
                         self.embedded += 1
                     else:
                         fail(result)
                         failed += 1
+                    if due():  # by result, not by request: a request of patch tokens can hold 100 MiB
+                        commit()
                 if counter is not None and counter.total is not None:
                     progress.set_total(counter.total)
                 progress.update(len(batch), failed)
-                if due():
-                    commit()
             commit()
             return None
         except KeyboardInterrupt:
@@ -319,10 +255,10 @@ class Job:
     def _stream(self, backend: Backend, identity: Identity) -> int:
         writer = JsonLinesWriter(self.stdout)
         listing = Listing(set())
-        self.dim = identity.dim
+        self.layout = layout(identity)
 
         def add(result: ItemResult) -> None:
-            self.dim = len(result.embedding)  # type: ignore[arg-type]
+            self.layout = Layout((len(result.embedding),))  # type: ignore[arg-type]
             writer.add([result.id], result.embedding[None, :])  # type: ignore[index]
 
         def fail(result: ItemResult) -> None:
@@ -351,7 +287,7 @@ class Job:
         total = len(listing.positions)
         ran = progress.done
         where = "" if out is None else f" -> {out}" + (f" (ids in {ids_path(out)})" if out.suffix == ".npy" else "")
-        self.say(f"embedded {rows} of {total} images (dim {self.dim}) in {elapsed:.2f} s, "
+        self.say(f"embedded {rows} of {total} images ({self.layout.describe()}) in {elapsed:.2f} s, "
                  f"{ran / max(elapsed, 1e-9):.1f} images/s{where}")  # fmt: skip
         details = [f"this run: {self.embedded} embedded, {progress.failed} failed, {listing.skipped} done before"]
         if listing.tally.non_images:

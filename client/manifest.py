@@ -18,6 +18,9 @@ from typing import Any
 FORMAT = 2  # 2: ids relative to the common folder of the inputs (1 named them as given)
 
 
+_LEARNED = ("dim", "embedding_dim", "token_rows", "token_cols")  # 0: not known yet, matches any
+
+
 class ManifestMismatch(ValueError):
     """A resumed job would mix rows of different models, options or inputs."""
 
@@ -26,8 +29,12 @@ class ManifestMismatch(ValueError):
 class Identity:
     """What makes two rows comparable: the model as the server describes it, and the options asked for.
 
-    `dim` is the length of one row (twice the model's size for cls_mean); 0 while not known
+    `dim` is the length of one pooled row (twice the model's size for cls_mean); 0 while not known
     (a RunPod endpoint says nothing about itself until the first embedding comes back).
+    `patch_tokens` names the dtype of a job whose rows are each image's patch tokens instead
+    ("" for pooled embeddings; then `pooling` and `normalize` are not used): a row is
+    [token_rows, token_cols, dim] and `dim` the model's size. A manifest written before these
+    fields existed reads as a pooled job.
     """
 
     model_id: str
@@ -37,13 +44,17 @@ class Identity:
     pooling: str
     normalize: bool
     dim: int = 0
+    patch_tokens: str = ""
+    normalize_tokens: bool = False
+    token_rows: int = 0
+    token_cols: int = 0
 
     def differences(self, other: Identity) -> list[str]:
         """`name: ours vs theirs` for each field that differs (an unknown size matches any)."""
         out = []
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if f.name in ("dim", "embedding_dim") and (not mine or not theirs):
+            if f.name in _LEARNED and (not mine or not theirs):
                 continue
             if mine != theirs:
                 out.append(f"{f.name} {mine!r} vs {theirs!r}")
@@ -51,8 +62,11 @@ class Identity:
 
     def describe(self) -> str:
         revision = f"@{self.revision}" if self.revision else ""
-        norm = ", normalized" if self.normalize else ""
-        return f"{self.model_id}{revision} ({self.dtype or 'dtype unknown'}, pooling {self.pooling}{norm})"
+        if self.patch_tokens:
+            what = f"patch tokens {self.patch_tokens}" + (", normalized" if self.normalize_tokens else "")
+        else:
+            what = f"pooling {self.pooling}" + (", normalized" if self.normalize else "")
+        return f"{self.model_id}{revision} ({self.dtype or 'dtype unknown'}, {what})"
 
 
 @dataclass(frozen=True)

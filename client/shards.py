@@ -1,14 +1,17 @@
 """A dataset job's state on disk, `OUT.parts/`: the manifest, committed shards, and the failures journal.
 
     OUT.parts/manifest.json       what the job embeds with (client/manifest.py)
-    OUT.parts/shard-000001.npz    `ids` (str [n]) and `embeddings` (float32 [n, D]), one per commit
+    OUT.parts/shard-000001.npz    `ids` (str [n]) and `embeddings` (float32 [n, D], or patch tokens
+                                  [n, rows, cols, D] in the job's dtype), one per commit
     OUT.parts/failures.jsonl      {"id", "code", "message"} per failed image, appended at each commit
     OUT.parts/lock                held (flock) by the one process writing the job
 
 A shard is written to a temporary name, fsynced and renamed, so it exists
 whole or not at all: a crash at any moment, SIGKILL included, loses only the
 rows not yet committed, and those are embedded again on resume. Shards are
-committed every `shard_rows` rows and at least every `max_age_s` seconds.
+committed every `shard_rows` rows or `shard_bytes` bytes (32 MiB: patch tokens
+are hundreds of KB an image), whichever comes first, and at least every
+`max_age_s` seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ except ImportError:  # pragma: no cover - not POSIX: no lock, one job per output
     fcntl = None  # type: ignore[assignment]
 
 _SHARD_GLOB = "shard-*.npz"
+SHARD_BYTES = 32 * 2**20
 _CODE_NUMBERS = {code.name: code.value[0] for code in grpc.StatusCode}
 
 
@@ -123,7 +127,7 @@ def read_ids(shard: Path) -> list[str]:
 
 
 def read_shard(shard: Path) -> tuple[list[str], np.ndarray]:
-    """A shard's ids and its float32 rows."""
+    """A shard's ids and its rows, as committed."""
     with np.load(shard) as data:
         return data["ids"].tolist(), data["embeddings"]
 
@@ -133,17 +137,24 @@ def failure_line(image_id: str, error: ItemError) -> str:
 
 
 class ShardWriter:
-    """Collects a job's results and commits them to `state` in shards."""
+    """Collects a job's results and commits them to `state` in shards of `dtype` rows (float32, or a
+    patch token job's float16: stored as they came, so shards take the bytes OUT will)."""
 
-    def __init__(self, state: JobState, shard_rows: int = 1024, max_age_s: float = 10.0) -> None:
+    def __init__(
+        self, state: JobState, shard_rows: int = 1024, max_age_s: float = 10.0, shard_bytes: int = SHARD_BYTES,
+        dtype: str = "float32",
+    ) -> None:  # fmt: skip
         self.state = state
         self.shard_rows = shard_rows
+        self.shard_bytes = shard_bytes
         self.max_age_s = max_age_s
+        self.dtype = dtype
         self.committed_rows = 0
         self.committed_failures = 0
         self._number = state.next_shard_number()
         self._ids: list[str] = []
         self._rows: list[np.ndarray] = []
+        self._bytes = 0
         self._failures: list[tuple[str, ItemError]] = []
         self._since = time.monotonic()
 
@@ -154,13 +165,14 @@ class ShardWriter:
     def add(self, image_id: str, embedding: np.ndarray) -> None:
         self._ids.append(image_id)
         self._rows.append(embedding)
+        self._bytes += embedding.size * np.dtype(self.dtype).itemsize
 
     def fail(self, image_id: str, error: ItemError) -> None:
         self._failures.append((image_id, error))
 
     def due(self) -> bool:
         """A shard is full, or the oldest uncommitted result has waited `max_age_s`."""
-        if len(self._ids) >= self.shard_rows:
+        if len(self._ids) >= self.shard_rows or self._bytes >= self.shard_bytes:
             return True
         return self.pending > 0 and time.monotonic() - self._since >= self.max_age_s
 
@@ -170,14 +182,15 @@ class ShardWriter:
             shard = self.state.folder / f"shard-{self._number:06d}.npz"
             temporary = shard.with_name(shard.name + ".tmp")
             with open(temporary, "wb") as out:
-                np.savez(out, ids=np.array(self._ids, dtype=str), embeddings=np.stack(self._rows).astype(np.float32))
+                rows = np.stack(self._rows).astype(self.dtype, copy=False)
+                np.savez(out, ids=np.array(self._ids, dtype=str), embeddings=rows)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temporary, shard)
             sync_folder(self.state.folder)
             self._number += 1
             self.committed_rows += len(self._ids)
-            self._ids, self._rows = [], []
+            self._ids, self._rows, self._bytes = [], [], 0
         if self._failures:
             with open(self.state.failures_path, "a", encoding="utf-8") as journal:
                 journal.write("".join(failure_line(i, e) + "\n" for i, e in self._failures))

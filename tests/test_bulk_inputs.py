@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client.backends import TokenAsk
 from client.consolidate import consolidate, failures_path
 from client.errors import ItemResult
 from client.images import encode_many, take
@@ -108,11 +109,11 @@ class FakeBackend:
     def __init__(self, dim: int = 8) -> None:
         self.dim = dim
 
-    def identity(self, pooling: str, normalize: bool) -> Identity:
+    def identity(self, pooling: str, normalize: bool, tokens: TokenAsk | None = None) -> Identity:
         return Identity("fake", "", "float32", self.dim, pooling, normalize, self.dim)
 
-    def embed_batches(self, pairs: Iterable[tuple[str, Any]], pooling: str, normalize: bool
-                      ) -> Iterator[list[ItemResult]]:  # fmt: skip
+    def embed_batches(self, pairs: Iterable[tuple[str, Any]], pooling: str, normalize: bool,
+                      tokens: TokenAsk | None = None) -> Iterator[list[ItemResult]]:  # fmt: skip
         iterator, start = iter(pairs), 0
         while items := encode_many(take(iterator, 64), start):
             start += len(items)
