@@ -44,14 +44,21 @@ def runner(settings: Settings) -> ModelRunner:
 
 
 class Reference:
-    """The definition of an embedding: img.convert("L") -> configured processor -> AutoModel -> pooling."""
+    """The definition of an embedding: img.convert("L") -> configured processor -> AutoModel -> pooling,
+    for `--preprocess` at `--image-size` (None: that mode's default)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, image_size: int | None = None, preprocess: str = "card") -> None:
         from transformers import AutoModel
 
-        self.processor = configured_processor(str(model_dir), None)
+        self.processor = configured_processor(str(model_dir), None, image_size=image_size, preprocess=preprocess)
         self.model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        self.first_patch = 1
+        self.first_patch = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """The processor's input of one image, before rescale and normalization: uint8 [3, N, N]."""
+        img = Image.open(io.BytesIO(data)).convert("L")
+        raw = self.processor(img, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
+        return raw.astype(np.uint8)
 
     @torch.inference_mode()
     def embed(self, data: bytes, pooling: Pooling = Pooling.CLS, normalize: bool = False) -> np.ndarray:

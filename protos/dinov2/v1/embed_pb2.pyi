@@ -83,7 +83,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "revision", "embedding_dim", "image_size", "dtype", "device", "max_batch_size", "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_request_bytes", "max_queue_images", "server_version", "max_queue_s")
+    __slots__ = ("model_id", "revision", "embedding_dim", "image_size", "dtype", "device", "max_batch_size", "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_request_bytes", "max_queue_images", "server_version", "max_queue_s", "preprocess")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class InfoResponse(_message.Message):
     MAX_QUEUE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
     embedding_dim: int
@@ -112,4 +113,5 @@ class InfoResponse(_message.Message):
     max_queue_images: int
     server_version: str
     max_queue_s: float
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_images: _Optional[int] = ..., server_version: _Optional[str] = ..., max_queue_s: _Optional[float] = ...) -> None: ...
+    preprocess: str
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_images: _Optional[int] = ..., server_version: _Optional[str] = ..., max_queue_s: _Optional[float] = ..., preprocess: _Optional[str] = ...) -> None: ...
