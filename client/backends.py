@@ -73,6 +73,7 @@ class GrpcBackend:
         return Identity(
             model_id=info.model_id, revision=info.revision, dtype=info.dtype, embedding_dim=info.embedding_dim,
             pooling=pooling, normalize=normalize, dim=row_size(info.embedding_dim, pooling),
+            image_size=info.image_size, preprocess=info.preprocess,
         )  # fmt: skip
 
     def embed_batches(self, pairs: Iterable[tuple[str, Any]], pooling: str, normalize: bool

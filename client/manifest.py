@@ -28,6 +28,8 @@ class Identity:
 
     `dim` is the length of one row (twice the model's size for cls_mean); 0 while not known
     (a RunPod endpoint says nothing about itself until the first embedding comes back).
+    `image_size` and `preprocess`: the server's input (`Info`); 0 and "" when not known (a RunPod
+    endpoint, a server from before they were reported, a manifest from before they were recorded).
     """
 
     model_id: str
@@ -37,13 +39,15 @@ class Identity:
     pooling: str
     normalize: bool
     dim: int = 0
+    image_size: int = 0
+    preprocess: str = ""
 
     def differences(self, other: Identity) -> list[str]:
-        """`name: ours vs theirs` for each field that differs (an unknown size matches any)."""
+        """`name: ours vs theirs` for each field that differs (an unknown size or input matches any)."""
         out = []
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if f.name in ("dim", "embedding_dim") and (not mine or not theirs):
+            if f.name in ("dim", "embedding_dim", "image_size", "preprocess") and (not mine or not theirs):
                 continue
             if mine != theirs:
                 out.append(f"{f.name} {mine!r} vs {theirs!r}")
@@ -52,7 +56,8 @@ class Identity:
     def describe(self) -> str:
         revision = f"@{self.revision}" if self.revision else ""
         norm = ", normalized" if self.normalize else ""
-        return f"{self.model_id}{revision} ({self.dtype or 'dtype unknown'}, pooling {self.pooling}{norm})"
+        served = f", {self.preprocess or 'input'} {self.image_size}" if self.image_size else ""
+        return f"{self.model_id}{revision} ({self.dtype or 'dtype unknown'}{served}, pooling {self.pooling}{norm})"
 
 
 @dataclass(frozen=True)
