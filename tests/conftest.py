@@ -122,7 +122,7 @@ class ControlledRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
-    def embed(self, pixels: Pixels) -> Any:
+    def embed(self, pixels: Pixels, full_size: bool = False) -> Any:
         self.calls += 1
         with self._allowance:
             self._allowance.wait_for(lambda: self.images_seen + len(pixels) <= self.allowed_images)
@@ -131,7 +131,7 @@ class ControlledRunner:
             self.fail_batches = max(0, self.fail_batches - 1)
             raise RuntimeError("injected fault")
         self.images_seen += len(pixels)
-        return self._runner.embed(pixels)
+        return self._runner.embed(pixels, full_size)
 
     def allow(self, images: float) -> None:
         """Batches that would take the count of images seen past `images` wait (in the model) until raised."""
