@@ -302,8 +302,10 @@ def test_same_names_in_two_folders_stay_apart_and_a_rerun_retries_what_it_should
 
     # A forward pass that failed (INTERNAL) is tried again by a plain rerun; a bad image only with retry_failed.
     table = _rows(out)
-    codes = ["INTERNAL" if i == "train/1.png" else c for i, c in zip(table["id"].to_pylist(),
-                                                                     table["error_code"].to_pylist(), strict=True)]
+    codes = [
+        "INTERNAL" if i == "train/1.png" else c
+        for i, c in zip(table["id"].to_pylist(), table["error_code"].to_pylist(), strict=True)
+    ]
     for part in _parts(out):
         part.unlink()
     Store(str(out)).write_part(table["id"].to_pylist(), np.zeros((len(codes), 32), np.float32),
@@ -323,9 +325,7 @@ def test_same_names_in_two_folders_stay_apart_and_a_rerun_retries_what_it_should
     assert status == EXIT_USAGE and f"{out} is in use by run" in report, report
 
 
-def test_a_wrong_model_writes_nothing_and_a_local_ray_ignores_ray_address(
-    model_dir: Path, tmp_path: Path
-) -> None:
+def test_a_wrong_model_writes_nothing_and_a_local_ray_ignores_ray_address(model_dir: Path, tmp_path: Path) -> None:
     from tests.test_source import vit_dir
 
     (tmp_path / "photos").mkdir()
