@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="an existing model folder instead of a random --size one")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--image-size", type=int, help="the served N (raw, service and seed-style) [224, card]")
+    p.add_argument("--preprocess", default="card", choices=["card", "checkpoint"], help="[%(default)s]")
     p.add_argument("--batch-sizes", default="1,4,8,16,32", help="raw: batch sizes to try")
     p.add_argument("--raw-seconds", type=float, default=4.0, help="raw: seconds per batch size and per round")
     p.add_argument("--rounds", type=int, help="alternating raw / service / seed-style rounds (3, --host-path too)")
@@ -142,11 +144,11 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     if info["load_average_start"][0] > 1:
         log(f"warning: load average {info['load_average_start']}: other work shares the CPU, numbers are noisy")
     datas = gray_jpegs(args.distinct_images)
-    runner = ModelRunner.load(
-        Settings(model=model_dir, dtype=args.dtype, device=str(device)), FastPaths(compile=args.compile)
-    )
+    settings = Settings(model=model_dir, dtype=args.dtype, device=str(device), image_size=args.image_size,
+                        preprocess=args.preprocess)  # fmt: skip
+    runner = ModelRunner.load(settings, FastPaths(compile=args.compile))
     limits = ImageLimits(max_bytes=1 << 30, max_pixels=1 << 30)
-    pixels = np.stack([decode(d, limits, runner.image_size) for d in datas])
+    pixels = np.stack([decode(d, limits, runner.norm.geometry) for d in datas])
     config = runner.model.config
     flops_per_image = flops.model_flops(config, runner.image_size)
     log(f"{info['cpu']}, load {info['load_average_start']}; {flops_per_image / 1e9:.2f} GFLOP per image")
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     per_round = args.service_images or max(64, round(sweep.images_per_s * args.service_seconds))
     per_round = math.ceil(per_round / args.request_images) * args.request_images
     server_args = server_flags(args, model_dir, str(device), max_batch)
-    handler = compute.run(paths.SeedHandler, model_dir)
+    handler = compute.run(paths.SeedHandler, model_dir, args.image_size, args.preprocess)
 
     rounds: list[dict[str, Any]] = []
     with ServerProcess(server_args) as server:
@@ -208,6 +210,8 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
             "model": model_dir,
             "dtype": args.dtype,
             "device": str(device),
+            "image_size": runner.image_size,
+            "preprocess": args.preprocess,
             "distinct_images": args.distinct_images,
             "image": "512x512 grayscale JPEG, quality 90",
             "request_images": args.request_images,
@@ -244,8 +248,7 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
         "rounds": rounds,
     }
     if args.ablate:
-        steps = ablation.ablate(model_dir, args.dtype, str(device), pixels, reference, best_batch,
-                                args.ablate_seconds, args.compile)  # fmt: skip
+        steps = ablation.ablate(settings, pixels, reference, best_batch, args.ablate_seconds, args.compile)
         result["ablation"] = [
             {"name": s.name, "dtype": s.dtype, "images_per_s": s.images_per_s, "min_cosine": s.min_cosine,
              "fast_paths": vars(s.fast)} for s in steps
@@ -258,7 +261,10 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
 
 def server_flags(args: argparse.Namespace, model_dir: str, device: str, max_batch: int | str) -> list[str]:
     flags = ["--model", model_dir, "--dtype", args.dtype, "--device", device, "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0", "--max-batch-size", str(max_batch)]  # fmt: skip
+             "--port", "0", "--metrics-port", "0", "--max-batch-size", str(max_batch),
+             "--preprocess", args.preprocess]  # fmt: skip
+    if args.image_size:
+        flags += ["--image-size", str(args.image_size)]
     if args.compile:
         flags += ["--compile", "on"]
     return flags + args.server_arg

@@ -52,9 +52,7 @@ def steps(dtype: str, device: str, compile_too: bool) -> list[Step]:
 
 
 def ablate(
-    model_dir: str,
-    dtype: str,
-    device: str,
+    settings: Settings,
     pixels: np.ndarray,
     reference: list[np.ndarray],
     batch_size: int,
@@ -62,9 +60,10 @@ def ablate(
     compile_too: bool = False,
     rounds: int = 6,
 ) -> list[Step]:
-    """Measures every step at `batch_size` and its cosine to the float32 reference CLS embeddings."""
-    plan = steps(dtype, device, compile_too)
-    runners = [ModelRunner.load(Settings(model=model_dir, dtype=s.dtype, device=device), s.fast) for s in plan]
+    """Measures every step at `batch_size` and its cosine to the float32 reference CLS embeddings; `settings`
+    name the model, device, dtype and served input (each step sets its own dtype)."""
+    plan = steps(settings.dtype, settings.device, compile_too)
+    runners = [ModelRunner.load(dataclasses.replace(settings, dtype=s.dtype), s.fast) for s in plan]
     for step, runner in zip(plan, runners, strict=True):
         cls = runner.embed(pixels[: len(reference)]).cls
         step.min_cosine = min(_cosine(a, b) for a, b in zip(cls, reference, strict=True))

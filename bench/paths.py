@@ -81,12 +81,12 @@ class SeedHandler:
     compared with.
     """
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, image_size: int | None = None, preprocess: str = "card") -> None:
         from transformers import AutoModel
 
         from server.preprocess import configured_processor
 
-        self.processor = configured_processor(model_dir, None)
+        self.processor = configured_processor(model_dir, None, image_size=image_size, preprocess=preprocess)
         self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     @staticmethod

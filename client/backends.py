@@ -105,6 +105,7 @@ class GrpcBackend:
         identity = Identity(
             model_id=info.model_id, revision=info.revision, dtype=info.dtype, embedding_dim=info.embedding_dim,
             pooling=pooling, normalize=normalize, dim=row_size(info.embedding_dim, pooling),
+            image_size=info.image_size, preprocess=info.preprocess,
         )  # fmt: skip
         if tokens is None:
             return identity

@@ -18,7 +18,8 @@ from typing import Any
 FORMAT = 2  # 2: ids relative to the common folder of the inputs (1 named them as given)
 
 
-_LEARNED = ("dim", "embedding_dim", "token_rows", "token_cols")  # 0: not known yet, matches any
+# 0 or "": not known (yet), matches any
+_LEARNED = ("dim", "embedding_dim", "token_rows", "token_cols", "image_size", "preprocess")
 
 
 class ManifestMismatch(ValueError):
@@ -35,6 +36,8 @@ class Identity:
     ("" for pooled embeddings; then `pooling` and `normalize` are not used): a row is
     [token_rows, token_cols, dim] and `dim` the model's size. A manifest written before these
     fields existed reads as a pooled job.
+    `image_size` and `preprocess`: the server's input (`Info`); 0 and "" when not known (a RunPod
+    endpoint, a server from before they were reported, a manifest from before they were recorded).
     """
 
     model_id: str
@@ -48,9 +51,11 @@ class Identity:
     normalize_tokens: bool = False
     token_rows: int = 0
     token_cols: int = 0
+    image_size: int = 0
+    preprocess: str = ""
 
     def differences(self, other: Identity) -> list[str]:
-        """`name: ours vs theirs` for each field that differs (an unknown size matches any)."""
+        """`name: ours vs theirs` for each field that differs (an unknown size or input matches any)."""
         out = []
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
@@ -66,7 +71,8 @@ class Identity:
             what = f"patch tokens {self.patch_tokens}" + (", normalized" if self.normalize_tokens else "")
         else:
             what = f"pooling {self.pooling}" + (", normalized" if self.normalize else "")
-        return f"{self.model_id}{revision} ({self.dtype or 'dtype unknown'}, {what})"
+        served = f", {self.preprocess or 'input'} {self.image_size}" if self.image_size else ""
+        return f"{self.model_id}{revision} ({self.dtype or 'dtype unknown'}{served}, {what})"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from offline.job import EXIT_USAGE, Job, JobSpec, Resources
 from server.config import DTYPES, Settings
+from server.geometry import PREPROCESS
 
 POOLINGS = ("cls", "mean", "cls_mean")
 
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--revision", help="Hub revision of the model")
     sub.add_argument("--dtype", default="auto", choices=DTYPES,
                      help="auto = float32 on CPU, bfloat16 (else float16) on a GPU [%(default)s]")  # fmt: skip
+    sub.add_argument("--image-size", type=int,
+                     help="the model's N x N input, a multiple of the patch size (14) "
+                          "[224 with card, the checkpoint's crop with checkpoint]")  # fmt: skip
+    sub.add_argument("--preprocess", default="card", choices=PREPROCESS,
+                     help="card: resized to N x N; checkpoint: the checkpoint's preprocessor_config.json "
+                          "(shortest edge, center crop) [%(default)s]")  # fmt: skip
     sub.add_argument("--pooling", default="cls", choices=POOLINGS, help="[%(default)s]")
     sub.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
     sub.add_argument("--overwrite", action="store_true", help="start again: remove what OUT_DIR holds")
@@ -66,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    settings = Settings(model=args.model, revision=args.revision, dtype=args.dtype,
-                        compile="on" if args.compile else "off")  # fmt: skip
+    settings = Settings(model=args.model, revision=args.revision, dtype=args.dtype, image_size=args.image_size,
+                        preprocess=args.preprocess, compile="on" if args.compile else "off")  # fmt: skip
     resources = Resources(actors=args.actors, gpus_per_actor=args.gpus_per_actor, threads=args.threads,
                           batch_size=args.batch_size, rows_per_part=args.rows_per_part)  # fmt: skip
     spec = JobSpec(tuple(args.sources), args.out, settings, args.pooling, args.normalize, args.overwrite,
@@ -104,6 +111,8 @@ def _quiet_ray(local: bool) -> None:
 def _usage_problem(args: argparse.Namespace) -> str | None:
     if args.batch_size < 1 or args.rows_per_part < 1:
         return "--batch-size and --rows-per-part must be at least 1"
+    if args.image_size is not None and args.image_size < 1:
+        return "--image-size must be at least 1"
     if args.num_cpus is not None and args.address is not None:
         return "--num-cpus is for a local Ray; a cluster named by --address has its own CPUs"
     if args.overwrite and args.retry_failed:

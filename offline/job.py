@@ -34,7 +34,9 @@ from offline.stages import Fault, decode_batch, limits_of, write_batch
 from offline.store import MANIFEST, Store, StoreError, Tally
 from server.config import Settings
 from server.errors import ModelLoadError
+from server.geometry import Geometry
 from server.model import Pooling
+from server.preprocess import Normalization, model_input
 from server.source import check_supported, locate
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 3
@@ -76,14 +78,13 @@ class Described:
     device: str
     dtype: str
     embedding_dim: int
-    image_size: int
+    geometry: Geometry  # the served input: --image-size and --preprocess resolved
 
 
 def _describe(settings: Settings) -> Described:
     from transformers import AutoConfig
 
     from server.model import resolve_device, resolve_dtype
-    from server.preprocess import configured_processor, normalization_of
 
     device = resolve_device(settings.device)
     dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
@@ -91,8 +92,13 @@ def _describe(settings: Settings) -> Described:
         config = AutoConfig.from_pretrained(settings.model, revision=settings.revision)
     except OSError as exc:
         raise ModelLoadError.cannot_load(settings.model, exc) from None
-    image_size = normalization_of(configured_processor(settings.model, settings.revision)).image_size
-    return Described(device.type, dtype, int(config.hidden_size), image_size)
+    norm = _model_input(settings, int(config.patch_size))
+    return Described(device.type, dtype, int(config.hidden_size), norm.geometry)
+
+
+def _model_input(settings: Settings, patch_size: int) -> Normalization:
+    """The input the actors will serve; an --image-size off the patch grid is refused here, in one line."""
+    return model_input(settings.model, settings.revision, False, settings.image_size, settings.preprocess, patch_size)
 
 
 class Job:
@@ -165,7 +171,8 @@ class Job:
         root = inputs.root_of(paths)
         Pooling(self.spec.pooling)
         settings = self.spec.settings
-        check_supported(locate(settings.model, settings.revision, settings.hub_timeout_s))
+        config = check_supported(locate(settings.model, settings.revision, settings.hub_timeout_s))
+        _model_input(settings, int(config.get("patch_size", 14)))
         self._foreign_folder()
         return paths, root
 
@@ -196,7 +203,8 @@ class Job:
         settings = self.spec.settings
         dim = described.embedding_dim * (2 if self.spec.pooling == Pooling.CLS_MEAN.value else 1)
         return Identity(settings.model, settings.revision or "", described.dtype, described.embedding_dim,
-                        self.spec.pooling, self.spec.normalize, dim)  # fmt: skip
+                        self.spec.pooling, self.spec.normalize, dim, described.geometry.size,
+                        settings.preprocess)  # fmt: skip
 
     def _open(self, described: Described) -> Manifest:
         """The job's manifest (under the lock): the one in OUT_DIR if it matches, else a new one.
@@ -275,7 +283,7 @@ class Job:
         decoded = files.map_batches(
             decode_batch,
             batch_size=16,
-            fn_kwargs={"image_size": described.image_size, "limits": limits_of(settings), "done": done, "root": root},
+            fn_kwargs={"geometry": described.geometry, "limits": limits_of(settings), "done": done, "root": root},
             num_cpus=1,
             # What one decode worker may take (a Python worker, the largest image allowed in RGB and gray). Declaring
             # it also keeps Ray from fusing the decode tasks into the embed actors, where decoding would wait for

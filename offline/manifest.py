@@ -23,7 +23,9 @@ class ManifestMismatch(ValueError):
 
 @dataclass(frozen=True)
 class Identity:
-    """What makes two rows comparable. `dtype` is the one the actors resolved (auto -> float32 on CPU)."""
+    """What makes two rows comparable. `dtype` is the one the actors resolved (auto -> float32 on CPU);
+    `image_size` and `preprocess` the served input (a manifest written before they were recorded was
+    embedded at card 224, their defaults)."""
 
     model_id: str
     revision: str
@@ -32,6 +34,8 @@ class Identity:
     pooling: str
     normalize: bool
     dim: int
+    image_size: int = 224
+    preprocess: str = "card"
 
     def differences(self, other: Identity) -> list[str]:
         return [
@@ -43,7 +47,8 @@ class Identity:
     def describe(self) -> str:
         revision = f"@{self.revision}" if self.revision else ""
         norm = ", normalized" if self.normalize else ""
-        return f"{self.model_id}{revision} ({self.dtype}, pooling {self.pooling}{norm})"
+        served = f"{self.preprocess} {self.image_size}"
+        return f"{self.model_id}{revision} ({self.dtype}, {served}, pooling {self.pooling}{norm})"
 
 
 @dataclass(frozen=True)

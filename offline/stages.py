@@ -25,6 +25,7 @@ from offline.sources import image_id, is_archive_name, is_image_name, member_id
 from offline.store import Store
 from server.config import Settings
 from server.errors import InvalidImage
+from server.geometry import Geometry
 from server.preprocess import ImageLimits, decode
 
 INVALID_ARGUMENT, INTERNAL = "INVALID_ARGUMENT", "INTERNAL"  # the gRPC service's codes for these failures
@@ -54,8 +55,9 @@ class Fault:
 class _Rows:
     """Decode output being gathered: ids, pixels, error codes and messages."""
 
-    def __init__(self, image_size: int) -> None:
-        self.size = image_size
+    def __init__(self, geometry: Geometry) -> None:
+        self.geometry = geometry
+        self.size = geometry.size
         self.ids: list[str] = []
         self.pixels: list[np.ndarray] = []
         self.codes: list[str] = []
@@ -74,18 +76,19 @@ class _Rows:
             "error_code": np.array(self.codes, dtype=object),
             "error": np.array(self.errors, dtype=object),
         }
-        self.__init__(self.size)  # type: ignore[misc]
+        self.__init__(self.geometry)  # type: ignore[misc]
         return batch
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], image_size: int, limits: ImageLimits, done: DigestSet, root: str
+    batch: dict[str, np.ndarray], geometry: Geometry, limits: ImageLimits, done: DigestSet, root: str
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Files (`path`, `bytes`) -> one row per image; a tar file's image members each make a row.
+    """Files (`path`, `bytes`) -> one row per image; a tar file's image members each make a row, its pixels
+    resized (and cropped) as `geometry` says.
 
     `done` holds the archive members that have a row already; `root` is what ids are relative to.
     """
-    rows = _Rows(image_size)
+    rows = _Rows(geometry)
     for path, data in zip(batch["path"], batch["bytes"], strict=True):
         if is_archive_name(path):
             for member, image in _members(image_id(path, root), data, done):
@@ -105,7 +108,7 @@ def decode_batch(
 
 def _decode_into(rows: _Rows, image_id: str, data: bytes, limits: ImageLimits) -> None:
     try:
-        rows.add(image_id, decode(bytes(data), limits, rows.size))
+        rows.add(image_id, decode(bytes(data), limits, rows.geometry))
     except InvalidImage as exc:
         rows.add(image_id, None, INVALID_ARGUMENT, str(exc))
     except Exception as exc:  # a decoder bug must cost this image, not its batch; a rerun tries it again

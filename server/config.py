@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server import batch_size
+from server.geometry import PREPROCESS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_AUTO_DECODE_WORKERS = 4
@@ -40,6 +41,20 @@ class Settings:
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of the model.")
     dtype: str = _opt("auto", "Compute dtype; auto = float32 on CPU, bfloat16 (else float16) on CUDA.", choices=DTYPES)
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    image_size: int | None = _opt(
+        None,
+        "Side N of the model's N x N input, a multiple of the patch size (14): tokens grow with N^2 (448 is 4x "
+        "the patches of 224).",
+        parse=int,
+        kind_name="int",
+        shown_default="224 with --preprocess card, the checkpoint's crop size with checkpoint",
+    )
+    preprocess: str = _opt(
+        "card",
+        "card: the grayscale image resized to N x N. checkpoint: the checkpoint's preprocessor_config.json (for "
+        "DINOv2: shortest edge 256, center crop 224; at another N, crop N and shortest edge N x 256/224).",
+        choices=PREPROCESS,
+    )
     host: str = _opt("0.0.0.0", "Address the gRPC server listens on.")
     port: int = _opt(50051, "gRPC port (0 picks a free one).")
     max_batch_size: int | str = _opt(
@@ -159,6 +174,10 @@ class Settings:
         if self.resize_on not in RESIZE_PLACES or self.decode not in ("exact", "fast"):
             raise ValueError(f"resize_on must be auto, workers or device, not {self.resize_on!r}; "
                              f"decode must be exact or fast, not {self.decode!r}")  # fmt: skip
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be at least 1, not {self.image_size}")
+        if self.preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be card or checkpoint, not {self.preprocess!r}")
         if self.hub_timeout_s <= 0:
             raise ValueError(f"hub_timeout_s must be positive, not {self.hub_timeout_s}")
 
@@ -207,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
             type=_kind(f),
             default=None,
             choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} [{_env_name(f)}; default {f.default}]",
+            help=f"{f.metadata['help']} [{_env_name(f)}; default {f.metadata.get('shown_default', f.default)}]",
         )
     return parser
 

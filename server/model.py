@@ -24,7 +24,7 @@ import torch
 from server import batch_size, fastpath, resize
 from server.config import Settings
 from server.errors import ModelLoadError
-from server.preprocess import Normalization, configured_processor, normalization_of
+from server.preprocess import Normalization, model_input
 from server.runtime import ComputeThread, shared_compute_thread, tune_malloc
 from server.source import check_supported, locate
 from server.staging import Staging
@@ -33,10 +33,10 @@ from server.tokens import PatchTokens, TokenOptions, to_host
 log = logging.getLogger(__name__)
 
 Pixels = np.ndarray | Sequence[np.ndarray]
+"""A batch of uint8 grayscale images: one [B, N, N] array, or B arrays of [N, N] or, at full size
+(`full_size=True`), of any [H, W] (the runner resizes those on its device, bit-exact: server/resize.py)."""
 Tokens = Sequence[TokenOptions | None] | None
 """Per image of a batch, the patch tokens it asks for (None: none); None for the whole batch: none at all."""
-"""A batch of uint8 grayscale images: one [B, S, S] array, or B arrays of [S, S] or, not resized yet,
-of any [H, W] (the runner resizes those on its device, bit-exact: server/resize.py)."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -200,23 +200,22 @@ class ModelRunner:
         dtype = resolve_dtype(settings.dtype, device)
         fast = fast or FastPaths(compile=settings.compile == "on")
         source = locate(settings.model, settings.revision, settings.hub_timeout_s)
-        check_supported(source)
-        norm = normalization_of(configured_processor(source.model, source.revision, source.local_files_only))
+        config = check_supported(source)
+        norm = model_input(source.model, source.revision, source.local_files_only, settings.image_size,
+                           settings.preprocess, int(config.get("patch_size", 14)))  # fmt: skip
         tune_malloc()
         compute = compute or shared_compute_thread()
         try:
-            model = compute.run(
-                lambda: AutoModel.from_pretrained(source.model, dtype=torch.float32, **source.kwargs())
-            )
+            model = compute.run(lambda: AutoModel.from_pretrained(source.model, dtype=torch.float32, **source.kwargs()))
         except OSError as exc:
             raise ModelLoadError.cannot_load(settings.model, exc) from None
         runner = cls(model, norm, device, dtype, fast, compute, settings.max_batch_size)
         log.info(
-            "loaded %s (revision %s): dim %d, image %dx%d, dtype %s (asked %s), device %s (asked %s), "
-            "attention %s, compile %s, max batch %d (asked %s)",
+            "loaded %s (revision %s): dim %d, image %dx%d (preprocess %s: %s), dtype %s (asked %s), device %s "
+            "(asked %s), attention %s, compile %s, max batch %d (asked %s)",
             settings.model, settings.revision or "default", runner.embedding_dim, norm.image_size,
-            norm.image_size, runner.dtype_name, settings.dtype, device, settings.device,
-            runner.attention, fast.compile, runner.max_batch_size, settings.max_batch_size,
+            norm.image_size, settings.preprocess, norm.geometry.describe(), runner.dtype_name, settings.dtype,
+            device, settings.device, runner.attention, fast.compile, runner.max_batch_size, settings.max_batch_size,
         )  # fmt: skip
         return runner
 
@@ -261,17 +260,20 @@ class ModelRunner:
             return batch_size.CPU_BATCH_SIZE
         return self._compute.run(batch_size.choose, self._measured_rate)
 
-    def pixel_values(self, pixels: Pixels) -> torch.Tensor:
+    def pixel_values(self, pixels: Pixels, full_size: bool = False) -> torch.Tensor:
         """uint8 grayscale images -> the model's input in its dtype, on its device.
 
-        With the folded input that is the pixels as they are, [B, 1, S, S];
-        otherwise replicated and normalized, [B, 3, S, S]. The copy to the
+        With the folded input that is the pixels as they are, [B, 1, N, N];
+        otherwise replicated and normalized, [B, 3, N, N]. The copy to the
         device goes through a pinned buffer and does not wait (server/staging.py).
-        A batch with full-size images is copied as it is and resized there
-        (server/resize.py), grouped by size.
+        A batch of `full_size` images (as the decode workers hand them back
+        with `--resize-on device`) is copied as it is and resized (and
+        cropped) there (server/resize.py), grouped by size. It is said, not
+        guessed from the shapes: under `--preprocess checkpoint` an N x N
+        image is resized and cropped too.
         """
-        if self._full_size(pixels):
-            x = resize.resize_batch(pixels, self.image_size, self.device).unsqueeze(1)
+        if full_size:
+            x = resize.resize_batch(pixels, self.norm.geometry, self.device).unsqueeze(1)
         else:
             x = self._staging.to_device(pixels).unsqueeze(1)
         if self.fast.fold_input:
@@ -279,32 +281,26 @@ class ModelRunner:
         x = (x.float() * self.norm.rescale - self._mean) / self._std
         return x.to(self.dtype)
 
-    def _full_size(self, pixels: Pixels) -> bool:
-        """Whether any image still needs its resize (the decode workers handed it back at full size)."""
-        square = (self.image_size, self.image_size)
-        if isinstance(pixels, np.ndarray):
-            return pixels.shape[1:] != square
-        return any(image.shape != square for image in pixels)
-
-    def embed(self, pixels: Pixels, tokens: Tokens = None) -> BatchOutput:
-        """Runs a batch of resized grayscale images through the model, on the compute thread;
-        `tokens`, per image, the patch tokens to return beside the pooled outputs.
+    def embed(self, pixels: Pixels, tokens: Tokens = None, full_size: bool = False) -> BatchOutput:
+        """Runs a batch of grayscale images through the model, on the compute thread: resized ones, or
+        `full_size` ones that it resizes first (`pixel_values`); `tokens`, per image, the patch tokens
+        to return beside the pooled outputs.
 
         On CUDA a batch that runs out of memory is split and its parts run in
         turn (halving again as needed), and the batch limit is lowered to the
         size that fits for the rest of the run; only an image that does not
         fit alone fails.
         """
-        return self._compute.run(self._embed, pixels, tokens)
+        return self._compute.run(self._embed, pixels, tokens, full_size)
 
-    def _embed(self, pixels: Pixels, tokens: Tokens = None) -> BatchOutput:
+    def _embed(self, pixels: Pixels, tokens: Tokens = None, full_size: bool = False) -> BatchOutput:
         count, start = len(pixels), 0
         limit_before = self._oom_limit
         parts: list[BatchOutput] = []
         while start < count:
             size = min(count - start, self._oom_limit or count)
             part_tokens = tokens[start : start + size] if tokens is not None else None
-            output = self._forward_or_oom(pixels[start : start + size], part_tokens, splittable=size > 1)
+            output = self._forward_or_oom(pixels[start : start + size], part_tokens, full_size, splittable=size > 1)
             if output is None:
                 self._oom_limit = size // 2
                 continue
@@ -315,14 +311,16 @@ class ModelRunner:
                         "images from now on", count, self._oom_limit)  # fmt: skip
         return BatchOutput.joined(parts)
 
-    def _forward_or_oom(self, pixels: Pixels, tokens: Tokens, splittable: bool) -> BatchOutput | None:
+    def _forward_or_oom(
+        self, pixels: Pixels, tokens: Tokens, full_size: bool, splittable: bool
+    ) -> BatchOutput | None:
         """One forward pass; None when it ran out of memory and the batch can be split.
 
         The error is dropped before memory is freed: its traceback holds the
         failed pass's activations.
         """
         try:
-            return self._forward_batch(pixels, tokens)
+            return self._forward_batch(pixels, tokens, full_size)
         except torch.OutOfMemoryError:
             if not splittable:
                 raise
@@ -331,8 +329,8 @@ class ModelRunner:
         return None
 
     @torch.inference_mode()
-    def _forward_batch(self, pixels: Pixels, tokens: Tokens = None) -> BatchOutput:
-        out = self._forward(pixel_values=self.pixel_values(pixels))
+    def _forward_batch(self, pixels: Pixels, tokens: Tokens = None, full_size: bool = False) -> BatchOutput:
+        out = self._forward(pixel_values=self.pixel_values(pixels, full_size))
         hidden = out.last_hidden_state
         cls_token = out.pooler_output if out.pooler_output is not None else hidden[:, 0]
         patches = hidden[:, self._first_patch :]

@@ -12,7 +12,8 @@ any order of summation (BLAS, cuBLAS): the result equals Pillow's.
 
 Which axis goes first depends on the Pillow release (`vertical_first`); a
 pass whose axis keeps its size is skipped, as Pillow skips it. The matrices
-are cached per (input size, output size, device), up to 256 MB in all.
+are cached per (input size, output size, rows kept, device), up to 256 MB in all. A center
+crop (`--preprocess checkpoint`) keeps only the crop's rows of each matrix.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import PIL
 import torch
+
+from server.geometry import Geometry
 
 PRECISION_BITS = 22
 _HALF = float(1 << (PRECISION_BITS - 1))
@@ -68,19 +71,22 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def coefficients(in_size: int, out_size: int) -> np.ndarray:
-    """Pillow's fixed-point bicubic weights for one axis: a dense float64 [out_size, in_size] matrix of integers.
+def coefficients(in_size: int, out_size: int, first: int = 0, count: int | None = None) -> np.ndarray:
+    """Pillow's fixed-point bicubic weights for one axis: a dense float64 [count, in_size] matrix of integers,
+    rows `first` to `first + count` (all out_size by default) of the resize to out_size.
 
     `precompute_coeffs` then `normalize_coeffs_8bpc` of Resample.c, operation
     for operation (the box is the whole image: in0 = 0, in1 = in_size): each
     weight is multiplied by 1 / filterscale, not divided by it, and the
     weights are summed left to right (`cumsum`, not numpy's pairwise `sum`).
+    Each output pixel has its own row, so a crop of the output is a slice of rows.
     """
+    count = out_size - first if count is None else count
     scale = float(np.float32(in_size)) / out_size  # (double)(in1 - in0) / outSize, in1 - in0 a float
     filterscale = max(scale, 1.0)
     support = _SUPPORT * filterscale
     ksize = int(np.ceil(support)) * 2 + 1
-    center = (np.arange(out_size) + 0.5) * scale
+    center = (np.arange(first, first + count) + 0.5) * scale
     xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
     xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
     taps = np.arange(ksize)
@@ -90,7 +96,7 @@ def coefficients(in_size: int, out_size: int) -> np.ndarray:
     total = np.cumsum(weights, axis=1)[:, -1:]
     weights = np.where(total != 0.0, weights / np.where(total != 0.0, total, 1.0), weights)
     fixed = np.where(weights < 0, np.trunc(-0.5 + weights * _ONE), np.trunc(0.5 + weights * _ONE))
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    matrix = np.zeros((count, in_size), dtype=np.float64)
     rows, cols = np.nonzero(used)
     matrix[rows, xmin[rows] + taps[cols]] = fixed[rows, cols]
     return matrix
@@ -103,16 +109,18 @@ class _MatrixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._matrices: OrderedDict[tuple[int, int, torch.device], torch.Tensor] = OrderedDict()
+        self._matrices: OrderedDict[tuple[int, int, int, int, torch.device], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-        key = (in_size, out_size, device)
+    def get(self, in_size: int, out_size: int, device: torch.device, first: int = 0, count: int | None = None
+            ) -> torch.Tensor:  # fmt: skip
+        count = out_size - first if count is None else count
+        key = (in_size, out_size, first, count, device)
         with self._lock:
             if key in self._matrices:
                 self._matrices.move_to_end(key)
                 return self._matrices[key]
-        matrix = torch.from_numpy(coefficients(in_size, out_size)).to(device)
+        matrix = torch.from_numpy(coefficients(in_size, out_size, first, count)).to(device)
         size = matrix.numel() * matrix.element_size()
         with self._lock:
             if key not in self._matrices and size <= self.max_bytes:
@@ -127,8 +135,8 @@ class _MatrixCache:
 _matrices = _MatrixCache(_CACHE_BYTES)
 
 
-def _matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    return _matrices.get(in_size, out_size, device)
+def _matrix(in_size: int, out_size: int, device: torch.device, first: int, count: int) -> torch.Tensor:
+    return _matrices.get(in_size, out_size, device, first, count)
 
 
 def _clip(acc: torch.Tensor) -> torch.Tensor:
@@ -136,35 +144,47 @@ def _clip(acc: torch.Tensor) -> torch.Tensor:
     return torch.floor((acc + _HALF) / _ONE).clamp_(0, 255)
 
 
-def resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize(pixels: torch.Tensor, size: tuple[int, int], crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """uint8 [..., H, W] -> uint8 [..., out_h, out_w], `size` = (out_w, out_h) as Pillow takes it.
 
     Equal, pixel for pixel, to `Image.fromarray(image).resize(size, BICUBIC)`
-    for each [H, W] image, under the installed Pillow.
+    for each [H, W] image, under the installed Pillow. `crop` = (left, top,
+    width, height) computes only that box of the output, the same pixels as
+    slicing the whole result (each pass's output rows and columns are
+    independent of each other; the pass order is the whole resize's).
     """
     in_h, in_w = pixels.shape[-2:]
     out_w, out_h = size
-    if (in_w, in_h) == (out_w, out_h):
-        return pixels.clone()
-    x = pixels.to(torch.float64)
+    left, top, crop_w, crop_h = crop or (0, 0, out_w, out_h)
     horizontal = in_w != out_w
     vertical = in_h != out_h
+    if not horizontal:
+        pixels = pixels[..., left : left + crop_w]
+    if not vertical:
+        pixels = pixels[..., top : top + crop_h, :]
+    if not (horizontal or vertical):
+        return pixels.clone()
+    x = pixels.to(torch.float64)
+    device = pixels.device
     if vertical and vertical_first((in_w, in_h), size):
-        x = _clip(_matrix(in_h, out_h, pixels.device) @ x)
+        x = _clip(_matrix(in_h, out_h, device, top, crop_h) @ x)
         vertical = False
     if horizontal:
-        x = _clip(x @ _matrix(in_w, out_w, pixels.device).T)
+        x = _clip(x @ _matrix(in_w, out_w, device, left, crop_w).T)
     if vertical:
-        x = _clip(_matrix(in_h, out_h, pixels.device) @ x)
+        x = _clip(_matrix(in_h, out_h, device, top, crop_h) @ x)
     return x.to(torch.uint8)
 
 
-def resize_batch(images: Sequence[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
-    """uint8 [H, W] images of any sizes -> uint8 [B, size, size] on `device`, each resized as Pillow would.
+def resize_batch(images: Sequence[np.ndarray], geometry: Geometry | int, device: torch.device) -> torch.Tensor:
+    """uint8 [H, W] images of any sizes -> uint8 [B, N, N] on `device`, each resized (and center-cropped)
+    as the decode workers do with Pillow (`geometry`; an int N: card's N x N).
 
     Images of one size are copied and resized together (one pair of matrix
-    products); those already at `size` are copied as they are.
+    products, over the crop only); those that need no resize are copied as they are.
     """
+    geometry = Geometry(geometry) if isinstance(geometry, int) else geometry
+    size = geometry.size
     out = torch.empty((len(images), size, size), dtype=torch.uint8, device=device)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
@@ -172,5 +192,9 @@ def resize_batch(images: Sequence[np.ndarray], size: int, device: torch.device) 
     for (height, width), indices in by_shape.items():
         group = torch.from_numpy(np.stack([images[i] for i in indices])).to(device)
         rows = torch.tensor(indices, device=device)
-        out[rows] = group if (height, width) == (size, size) else resize(group, (size, size))
+        target = geometry.resized(width, height)
+        if target == (width, height) == (size, size):
+            out[rows] = group
+        else:
+            out[rows] = resize(group, target, (*geometry.crop_offsets(*target), size, size))
     return out

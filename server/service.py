@@ -32,6 +32,7 @@ from server.decode.pool import DecodeJob, DecodePool, Lane
 from server.decode.setup import Setup
 from server.decode.worker import ProcessDecoder
 from server.errors import DeadlineExceeded, EmbedError, Internal, InvalidRequest, Overloaded, Unavailable
+from server.geometry import Geometry
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
 from server.preprocess import ImageLimits, decode
@@ -66,10 +67,14 @@ class ImageResult:
 
 @dataclass(frozen=True)
 class ServiceInfo:
+    """What `Info` answers. image_size: the served N (the model's input is N x N); preprocess: how
+    an image becomes it, card or checkpoint (server/geometry.py)."""
+
     model_id: str
     revision: str
     embedding_dim: int
     image_size: int
+    preprocess: str
     dtype: str
     device: str
     max_batch_size: int
@@ -90,7 +95,7 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _decode_pool(settings: Settings, image_size: int, resize_on: str) -> DecodePool:
+def _decode_pool(settings: Settings, geometry: Geometry, resize_on: str) -> DecodePool:
     """The decode workers the settings ask for, sharing one bound on full-size pixels.
 
     With the resize on the device the workers hand back full-size pixels,
@@ -101,9 +106,9 @@ def _decode_pool(settings: Settings, image_size: int, resize_on: str) -> DecodeP
     resize, fast = resize_on == "workers", settings.decode == "fast"
     full_size = None if resize else budget
     if settings.decode_in == "threads":
-        decode_one = partial(decode, limits=limits, image_size=image_size, budget=budget, resize=resize, fast=fast)
+        decode_one = partial(decode, limits=limits, geometry=geometry, budget=budget, resize=resize, fast=fast)
         return DecodePool.in_threads(decode_one, settings.decode_workers, full_size)
-    setup = Setup(limits, image_size, settings.idle_trim_s, settings.decode_timeout_s, resize, fast)
+    setup = Setup.of(limits, geometry, settings.idle_trim_s, settings.decode_timeout_s, resize, fast)
     return DecodePool([partial(ProcessDecoder, setup, budget)] * settings.decode_workers, full_size=full_size)
 
 
@@ -186,9 +191,9 @@ class EmbedService:
         self.runner = runner
         self.metrics = metrics or Metrics()
         self.resize_on = placement(settings.resize_on, runner.device)
-        self._decoder = _decode_pool(settings, runner.image_size, self.resize_on)
+        self._decoder = _decode_pool(settings, runner.norm.geometry, self.resize_on)
         self.batcher = Batcher(
-            runner.embed,
+            partial(runner.embed, full_size=True) if self.resize_on == "device" else runner.embed,
             batch_limit=partial(runner.batch_limit, settings.max_batch_size),
             max_wait_ms=settings.max_wait_ms,
             metrics=self.metrics,
@@ -215,6 +220,7 @@ class EmbedService:
             revision=settings.revision or "",
             embedding_dim=runner.embedding_dim,
             image_size=runner.image_size,
+            preprocess=settings.preprocess,
             dtype=runner.dtype_name,
             device=str(runner.device),
             max_batch_size=runner.batch_limit(settings.max_batch_size),

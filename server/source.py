@@ -77,8 +77,9 @@ def locate(model: str, revision: str | None, timeout_s: float) -> ModelSource:
     raise ModelLoadError.not_found(model, f"{problem}, and it is not in the cache ({_cache()})")
 
 
-def check_supported(source: ModelSource) -> None:
-    """Refuses, with one line, a model whose config.json is not a DINOv2's.
+def check_supported(source: ModelSource) -> dict[str, Any]:
+    """Refuses, with one line, a model whose config.json is not a DINOv2's; returns the config it read
+    (the patch size checks `--image-size` before any weight is loaded).
 
     It reads config.json itself (from the folder, or through the Hub cache):
     transformers' config classes would import torch, seconds before the answer.
@@ -94,6 +95,7 @@ def check_supported(source: ModelSource) -> None:
             f"(model_type {' or '.join(SUPPORTED_MODEL_TYPES)}, e.g. facebook/dinov2-small, "
             "facebook/dinov2-with-registers-small)"
         )
+    return config
 
 
 def _config_file(source: ModelSource) -> Path:

@@ -44,14 +44,21 @@ def runner(settings: Settings) -> ModelRunner:
 
 
 class Reference:
-    """The definition of an embedding: img.convert("L") -> configured processor -> AutoModel -> pooling."""
+    """The definition of an embedding: img.convert("L") -> configured processor -> AutoModel -> pooling,
+    for `--preprocess` at `--image-size` (None: that mode's default)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, image_size: int | None = None, preprocess: str = "card") -> None:
         from transformers import AutoModel
 
-        self.processor = configured_processor(str(model_dir), None)
+        self.processor = configured_processor(str(model_dir), None, image_size=image_size, preprocess=preprocess)
         self.model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        self.first_patch = 1
+        self.first_patch = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """The processor's input of one image, before rescale and normalization: uint8 [3, N, N]."""
+        img = Image.open(io.BytesIO(data)).convert("L")
+        raw = self.processor(img, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
+        return raw.astype(np.uint8)
 
     @torch.inference_mode()
     def embed(self, data: bytes, pooling: Pooling = Pooling.CLS, normalize: bool = False) -> np.ndarray:
@@ -115,7 +122,7 @@ class ControlledRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
-    def embed(self, pixels: Pixels, tokens: Tokens = None) -> Any:
+    def embed(self, pixels: Pixels, tokens: Tokens = None, full_size: bool = False) -> Any:
         self.calls += 1
         with self._allowance:
             self._allowance.wait_for(lambda: self.images_seen + len(pixels) <= self.allowed_images)
@@ -124,7 +131,7 @@ class ControlledRunner:
             self.fail_batches = max(0, self.fail_batches - 1)
             raise RuntimeError("injected fault")
         self.images_seen += len(pixels)
-        return self._runner.embed(pixels, tokens)
+        return self._runner.embed(pixels, tokens, full_size)
 
     def allow(self, images: float) -> None:
         """Batches that would take the count of images seen past `images` wait (in the model) until raised."""

@@ -234,6 +234,9 @@ def test_resuming_with_another_model_or_options_is_refused_until_overwrite(
     assert "--overwrite" in stderr
     code, _, stderr = run("embed", str(root), "--server", server.address, "-o", str(out), "--pooling", "mean")
     assert code == 2 and "pooling 'cls' vs 'mean'" in stderr, stderr
+    cropping = make_server(preprocess="checkpoint")  # what its Info says is what the manifest compares
+    code, _, stderr = run("embed", str(root), "--server", cropping.address, "-o", str(out))
+    assert code == 2 and "preprocess 'card' vs 'checkpoint'" in stderr, stderr
     code, _, stderr = run("embed", str(root), "--server", server.address, "-o", str(out), "--normalize")
     assert code == 2 and "normalize False vs True" in stderr, stderr
     code, _, stderr = run("embed", str(root / "a"), "--server", server.address, "-o", str(out))

@@ -41,17 +41,22 @@ def test_each_fast_path_keeps_float32_parity(
         assert_close(out.mean[i], reference.embed(corpus[image], Pooling.MEAN), f"{name} mean {image}")
 
 
-def test_cached_positions_are_what_transformers_computes(model_dir: Path) -> None:
+@pytest.mark.parametrize("size", [224, 448, 518])
+def test_cached_positions_are_what_transformers_computes(model_dir: Path, size: int) -> None:
+    """At every served size (518 is the checkpoint's own grid: transformers' table as it is)."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     embeddings = model.embeddings
-    probe = torch.zeros(1, 257, model.config.hidden_size)
-    expected = embeddings.interpolate_pos_encoding(probe, 224, 224)
-    assert model.config.image_size == 518 and expected.shape == (1, 257, model.config.hidden_size)
-    fastpath.cache_positions(model, 224)
-    assert torch.equal(embeddings.interpolate_pos_encoding(probe, 224, 224), expected)
-    assert embeddings.interpolate_pos_encoding(probe, 224, 224) is embeddings.interpolate_pos_encoding(probe, 224, 224)
+    tokens = (size // 14) ** 2 + 1
+    probe = torch.zeros(1, tokens, model.config.hidden_size)
+    expected = embeddings.interpolate_pos_encoding(probe, size, size)
+    assert model.config.image_size == 518 and expected.shape == (1, tokens, model.config.hidden_size)
+    fastpath.cache_positions(model, size)
+    assert torch.equal(embeddings.interpolate_pos_encoding(probe, size, size), expected)
+    assert embeddings.interpolate_pos_encoding(probe, size, size) is embeddings.interpolate_pos_encoding(
+        probe, size, size
+    )
     other = torch.zeros(1, 17, model.config.hidden_size)  # another size still interpolates
     assert embeddings.interpolate_pos_encoding(other, 56, 56).shape == (1, 17, model.config.hidden_size)
 

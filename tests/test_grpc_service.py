@@ -125,7 +125,7 @@ def test_concurrent_clients_get_their_own_answers_in_shared_batches(
 
 def test_info_describes_model_and_limits(server: RunningServer) -> None:
     info = server.stub.Info(pb.InfoRequest(), timeout=10)
-    assert info.embedding_dim == 32 and info.image_size == 224
+    assert info.embedding_dim == 32 and info.image_size == 224 and info.preprocess == "card"
     assert info.dtype == "float32" and info.device == "cpu"
     assert info.max_batch_size == 16 and info.max_images_per_request == 256
     assert info.max_image_bytes == 32 * 1024 * 1024 and info.max_image_pixels == 50_000_000

@@ -20,11 +20,12 @@ def embed_fast(
 ) -> list[np.ndarray]:
     """The service's path: decode (and resize, in the workers), then the runner (which resizes on its
     device the images still at full size)."""
+    geometry = runner.norm.geometry
     if resize_on == "workers":
-        pixels: list[np.ndarray] | np.ndarray = np.stack([decode(d, LIMITS, runner.image_size) for d in datas])
+        pixels: list[np.ndarray] | np.ndarray = np.stack([decode(d, LIMITS, geometry) for d in datas])
     else:
-        pixels = [decode(data, LIMITS, runner.image_size, resize=False) for data in datas]
-    out = runner.embed(pixels)
+        pixels = [decode(data, LIMITS, geometry, resize=False) for data in datas]
+    out = runner.embed(pixels, full_size=resize_on == "device")
     return [pool(out.cls[i], out.mean[i], pooling, normalize) for i in range(len(datas))]
 
 
@@ -53,8 +54,8 @@ def test_the_device_resize_gives_the_workers_pixels_and_embeddings(
     in_workers = np.stack([decode(data, LIMITS, runner.image_size) for data in datas])
     full_size = [decode(data, LIMITS, runner.image_size, resize=False) for data in datas]
     assert len({image.shape for image in full_size}) > 3
-    assert np.array_equal(runner.pixel_values(full_size).numpy(), runner.pixel_values(in_workers).numpy())
-    a, b = runner.embed(in_workers), runner.embed(full_size)
+    assert np.array_equal(runner.pixel_values(full_size, True).numpy(), runner.pixel_values(in_workers).numpy())
+    a, b = runner.embed(in_workers), runner.embed(full_size, full_size=True)
     assert np.array_equal(a.cls, b.cls) and np.array_equal(a.mean, b.mean)
 
 

@@ -180,7 +180,29 @@ def test_a_second_run_skips_everything_and_another_model_is_refused(
     assert "cannot continue" in report and "model_id" in report and "--overwrite" in report
     status, report = _run(_spec(dataset[0], out, model_dir, pooling="cls_mean"))
     assert status == EXIT_USAGE and "pooling 'cls' vs 'cls_mean'" in report
+    status, report = _run(_spec(dataset[0], out, model_dir, settings=Settings(model=str(model_dir), image_size=448)))
+    assert status == EXIT_USAGE and "image_size 224 vs 448" in report, report
     assert _snapshot(out) == before and (out / "manifest.json").read_text() == manifest
+
+
+def test_the_checkpoints_crop_at_448_gives_the_references_embeddings(
+    local_ray: None, model_dir: Path, tmp_path: Path
+) -> None:
+    from server.model import Pooling
+    from tests.conftest import Reference, assert_close
+
+    (tmp_path / "photos").mkdir()
+    for n, (w, h) in enumerate([(640, 480), (300, 900), (224, 224), (50, 40)]):
+        (tmp_path / "photos" / f"{n}.png").write_bytes(images.png(w, h, seed=n))
+    settings = Settings(model=str(model_dir), image_size=448, preprocess="checkpoint")
+    status, report = _run(_spec(tmp_path / "photos", tmp_path / "out", model_dir, settings=settings))
+    assert status == 0, report
+    identity = Manifest.from_text((tmp_path / "out" / "manifest.json").read_text(), "manifest").identity
+    assert (identity.image_size, identity.preprocess) == (448, "checkpoint")
+    reference = Reference(model_dir, 448, "checkpoint")
+    for row in _rows(tmp_path / "out").to_pylist():
+        expected = reference.embed((tmp_path / "photos" / row["id"]).read_bytes(), Pooling.CLS)
+        assert_close(np.array(row["embedding"], "f4"), expected, row["id"])
 
 
 def test_a_missing_model_or_an_empty_folder_is_a_usage_error(local_ray: None, model_dir: Path, tmp_path: Path) -> None:
@@ -191,6 +213,10 @@ def test_a_missing_model_or_an_empty_folder_is_a_usage_error(local_ray: None, mo
     assert status == EXIT_USAGE and "cannot load model" in report, report
     status, report = _run(_spec(tmp_path / "empty", tmp_path / "out2", model_dir))
     assert status == EXIT_USAGE and "No files found" in report, report
+    off_grid = Settings(model=str(model_dir), image_size=500)
+    status, report = _run(_spec(tmp_path / "one", tmp_path / "out3", model_dir, settings=off_grid))
+    assert status == EXIT_USAGE and "--image-size 500 is not a multiple of the model's patch size 14" in report
+    assert not (tmp_path / "out3").exists()
 
 
 def test_an_embed_actor_killed_mid_job_still_leaves_one_row_per_id(
@@ -268,7 +294,7 @@ def test_same_names_in_two_folders_stay_apart_and_a_rerun_retries_what_it_should
     spec = _spec(tmp_path / "train", out, model_dir, sources=(str(tmp_path / "train"), str(tmp_path / "val")))
     status, report = _run(spec)
     assert status == EXIT_ITEMS_FAILED, report
-    assert "no row was written under its manifest (some/vit (float32, pooling cls)); starting again" in report
+    assert "no row was written under its manifest (some/vit (float32, card 224, pooling cls)); starting again" in report
     rows = {r["id"]: r for r in _rows(out).to_pylist()}
     assert sorted(rows) == ["train/0.png", "train/1.png", "train/2.png", "val/0.png", "val/1.png", "val/2.png",
                             "val/bad.png"]  # fmt: skip
@@ -276,8 +302,10 @@ def test_same_names_in_two_folders_stay_apart_and_a_rerun_retries_what_it_should
 
     # A forward pass that failed (INTERNAL) is tried again by a plain rerun; a bad image only with retry_failed.
     table = _rows(out)
-    codes = ["INTERNAL" if i == "train/1.png" else c for i, c in zip(table["id"].to_pylist(),
-                                                                     table["error_code"].to_pylist(), strict=True)]
+    codes = [
+        "INTERNAL" if i == "train/1.png" else c
+        for i, c in zip(table["id"].to_pylist(), table["error_code"].to_pylist(), strict=True)
+    ]
     for part in _parts(out):
         part.unlink()
     Store(str(out)).write_part(table["id"].to_pylist(), np.zeros((len(codes), 32), np.float32),
@@ -297,9 +325,7 @@ def test_same_names_in_two_folders_stay_apart_and_a_rerun_retries_what_it_should
     assert status == EXIT_USAGE and f"{out} is in use by run" in report, report
 
 
-def test_a_wrong_model_writes_nothing_and_a_local_ray_ignores_ray_address(
-    model_dir: Path, tmp_path: Path
-) -> None:
+def test_a_wrong_model_writes_nothing_and_a_local_ray_ignores_ray_address(model_dir: Path, tmp_path: Path) -> None:
     from tests.test_source import vit_dir
 
     (tmp_path / "photos").mkdir()

@@ -18,6 +18,7 @@ from offline import stages
 from offline.ledger import DigestSet
 from offline.sources import Selector, expand, image_id, member_id, root_of
 from offline.stages import INTERNAL, decode_batch
+from server.geometry import Geometry
 from server.preprocess import ImageLimits
 from tests import images
 
@@ -121,7 +122,7 @@ def test_an_unexpected_exception_in_one_decode_fails_only_that_row(monkeypatch: 
     monkeypatch.setattr(stages, "decode", decode)
     batch = {"path": np.array(["/r/a.png", "/r/b.png", "/r/c.png"], dtype=object),
              "bytes": np.array([images.png(), b"poison", images.png()], dtype=object)}  # fmt: skip
-    rows = _merge(decode_batch(batch, 14, ImageLimits(1 << 20, 1 << 20), DigestSet.of([]), "/r"))
+    rows = _merge(decode_batch(batch, Geometry(14), ImageLimits(1 << 20, 1 << 20), DigestSet.of([]), "/r"))
     assert list(rows["id"]) == ["a.png", "b.png", "c.png"]
     assert list(rows["error_code"]) == ["", INTERNAL, ""]
     assert "RuntimeError: a decoder bug" in rows["error"][1]

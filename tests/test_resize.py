@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from server.resize import _MatrixCache, coefficients, pillow_major, resize, vertical_first
+from server.geometry import Geometry
+from server.resize import _MatrixCache, coefficients, pillow_major, resize, resize_batch, vertical_first
 
 BICUBIC = Image.Resampling.BICUBIC
 LARGE = [(6000, 4000), (4000, 6000), (4000, 3000), (3000, 4000), (1, 1), (1, 4000), (6000, 1), (5000, 300)]
@@ -112,3 +113,31 @@ def test_the_matrix_cache_keeps_to_its_byte_bound() -> None:
         assert cache.get(side, 224, torch.device("cpu")).shape == (224, side)
         assert cache.bytes <= cache.max_bytes
     assert cache.get(1009, 224, torch.device("cpu")) is cache.get(1009, 224, torch.device("cpu"))  # still cached
+
+
+def test_a_crop_keeps_only_its_rows_of_the_coefficients() -> None:
+    full = coefficients(1000, 341)
+    np.testing.assert_array_equal(coefficients(1000, 341, 58, 224), full[58 : 58 + 224])
+    assert _MatrixCache(1 << 30).get(1000, 341, torch.device("cpu"), 58, 224).shape == (224, 1000)
+
+
+@pytest.mark.parametrize("geometry", [Geometry(224, 256), Geometry(448, 512), Geometry(98, 112)])
+def test_shortest_edge_and_center_crop_equal_pillow_then_the_crop(geometry: Geometry) -> None:
+    """`--preprocess checkpoint` on the device: Pillow's resize of the shortest edge, then transformers'
+    center crop, bit for bit, computing only the crop (both pass orders, up and down, unchanged axes)."""
+    rng = np.random.default_rng(5)
+    widths = rng.integers(geometry.shortest_edge, 900, 15)
+    tall = [(w, 2 * w + int(rng.integers(1, 600))) for w in widths]  # shrunk more in height: vertical pass first
+    sizes = [*rng.integers(1, 900, (150, 2)), *tall, (256, 300), (300, 256), (256, 256), (1, 600)]
+    orders = {True: 0, False: 0}
+    for w, h in sizes:
+        pixels = rng.integers(0, 256, (int(h), int(w)), dtype=np.uint8)
+        target = geometry.resized(int(w), int(h))
+        left, top = geometry.crop_offsets(*target)
+        side = geometry.size
+        expected = pillow(pixels, target)[top : top + side, left : left + side]
+        got = resize_batch([pixels], geometry, torch.device("cpu"))[0].numpy()
+        np.testing.assert_array_equal(got, expected, err_msg=f"{w}x{h} -> {target}")
+        if w != target[0] and h != target[1]:
+            orders[vertical_first((int(w), int(h)), target)] += 1
+    assert min(orders.values()) >= 10, orders

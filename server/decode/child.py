@@ -88,7 +88,7 @@ def _read(from_parent: int, chunks: queue.SimpleQueue[list[bytes] | None], grant
 
 
 def _decode_chunk(images: list[bytes], setup: Setup, budget: _RemoteBudget, to_parent: int) -> None:
-    decode_one = partial(decode, limits=setup.limits, image_size=setup.image_size, budget=budget,
+    decode_one = partial(decode, limits=setup.limits, geometry=setup.geometry, budget=budget,
                          resize=setup.resize, fast=setup.fast)  # fmt: skip
     results: list[Decoded] = []
     failures: list[str] = []

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from server.geometry import Geometry
 from server.preprocess import ImageLimits
 
 SMALL_PIXELS = 2_000_000
@@ -28,6 +29,16 @@ class Setup:
     timeout_s: float = 30.0  # an image the child takes longer over is stopped, with its child
     resize: bool = True  # False: images are handed back at full size (`--resize-on device`)
     fast: bool = False  # `--decode fast`
+    shortest_edge: int | None = None  # `--preprocess checkpoint`: resized to this, then center-cropped
+
+    @classmethod
+    def of(cls, limits: ImageLimits, geometry: Geometry, idle_trim_s: float, timeout_s: float = 30.0,
+           resize: bool = True, fast: bool = False) -> Setup:  # fmt: skip
+        return cls(limits, geometry.size, idle_trim_s, timeout_s, resize, fast, geometry.shortest_edge)
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.image_size, self.shortest_edge)
 
     @property
     def result_size(self) -> int | None:

@@ -122,7 +122,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "revision", "embedding_dim", "image_size", "dtype", "device", "max_batch_size", "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_request_bytes", "max_queue_images", "server_version", "max_queue_s", "patch_size")
+    __slots__ = ("model_id", "revision", "embedding_dim", "image_size", "dtype", "device", "max_batch_size", "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_request_bytes", "max_queue_images", "server_version", "max_queue_s", "preprocess", "patch_size")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,7 @@ class InfoResponse(_message.Message):
     MAX_QUEUE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_FIELD_NUMBER: _ClassVar[int]
     PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     revision: str
@@ -152,5 +153,6 @@ class InfoResponse(_message.Message):
     max_queue_images: int
     server_version: str
     max_queue_s: float
+    preprocess: str
     patch_size: int
-    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_images: _Optional[int] = ..., server_version: _Optional[str] = ..., max_queue_s: _Optional[float] = ..., patch_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., image_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_images: _Optional[int] = ..., server_version: _Optional[str] = ..., max_queue_s: _Optional[float] = ..., preprocess: _Optional[str] = ..., patch_size: _Optional[int] = ...) -> None: ...
