@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from transformers import AutoModel
 
 from protos.dinov2.v1 import embed_pb2 as pb
 from server.model import BatchOutput, ModelRunner
-from server.preprocess import ImageLimits, configured_processor, decode
+from server.preprocess import ImageLimits, configured_processor, decode, normalization_of
 from server.random_model import build_model_dir
 from server.tokens import PatchTokens, TokenOptions, as_float32
 from tests import images
@@ -38,7 +37,8 @@ def reference_tokens(model_dir: Path, data: bytes, image_size: int) -> np.ndarra
 
 def runner_at(model_dir: Path, base: ModelRunner, image_size: int) -> ModelRunner:
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32)
-    return ModelRunner(model, dataclasses.replace(base.norm, image_size=image_size), base.device, torch.float32)
+    norm = normalization_of(configured_processor(str(model_dir), None, image_size=image_size))
+    return ModelRunner(model, norm, base.device, torch.float32)
 
 
 @pytest.fixture(scope="module")
