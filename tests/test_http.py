@@ -243,6 +243,20 @@ async def test_a_malformed_form_is_400_naming_the_problem(
     assert status == 400 and message in error_of(body)[1], body
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body", "message"),
+    [
+        ("multipart/form-data", b"--x\r\n", "malformed multipart body (boundary missed"),
+        ("multipart/form-data; boundary=x", b"no boundary here\r\n", "malformed multipart body"),
+    ],
+)
+async def test_a_broken_multipart_body_is_400(
+    http: RunningServer, client: aiohttp.ClientSession, content_type: str, body: bytes, message: str
+) -> None:
+    status, answer = await post(client, url(http, "/v1/embed"), data=body, headers={"Content-Type": content_type})
+    assert status == 400 and message in error_of(answer)[1], answer
+
+
 # ----------------------------------------------------------------- /v1/embeddings
 
 

@@ -70,9 +70,9 @@ class HttpServer:
         """Listens on `settings.host:http_port`; returns the port (the one picked when it is 0)."""
         assert self.settings.http_port is not None
         sock = listening_socket(self.settings.host, self.settings.http_port)
-        tls = self.settings.tls_cert is not None and self.settings.tls_key is not None
+        cert, key = self.settings.tls_cert, self.settings.tls_key
         try:
-            context = tls_context(self.settings.tls_cert, self.settings.tls_key) if tls else None  # type: ignore[arg-type]
+            context = tls_context(cert, key) if cert and key else None
             # The handler of a caller that leaves is cancelled, and with it the request's work in the engine.
             # Bodies arrive as sent: a compressed one is refused, never inflated.
             self._runner = web.AppRunner(
@@ -84,7 +84,7 @@ class HttpServer:
             sock.close()
             raise
         self.port = int(sock.getsockname()[1])
-        log.info("HTTP listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if tls else "")
+        log.info("HTTP listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if context else "")
         return self.port
 
     async def stop(self, grace: float) -> None:

@@ -72,7 +72,7 @@ class BodyReader:
         self._receiving = receiving
         self._timeout_s = timeout_s
 
-    def check_headers(self, request: web.Request) -> None:
+    def _check_headers(self, request: web.Request) -> None:
         """Refuses, before any byte is read, a compressed body or one whose declared size is over the limit."""
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding != "identity":
@@ -87,7 +87,7 @@ class BodyReader:
 
     async def receive(self, request: web.Request) -> bytes | list[Part]:
         """The whole body, or a multipart body's parts, read in a receive slot within `receive_timeout_s`."""
-        self.check_headers(request)
+        self._check_headers(request)
         async with self._receiving:
             try:
                 async with asyncio.timeout(self._timeout_s):
@@ -110,8 +110,8 @@ class BodyReader:
     async def _parts(self, request: web.Request) -> list[Part]:
         try:
             reader = await request.multipart()
-        except (AssertionError, ValueError) as exc:  # aiohttp asserts the boundary parameter
-            raise errors.InvalidRequest(f"malformed multipart body ({exc or 'no boundary'})") from None
+        except (KeyError, ValueError) as exc:  # no boundary parameter, or a bad one
+            raise errors.InvalidRequest(f"malformed multipart body ({str(exc)[:200]})") from None
         parts: list[Part] = []
         total = 0
         while True:
@@ -137,30 +137,32 @@ class BodyReader:
             total += len(data)
             parts.append(Part(name, part.filename, data))
 
-    def parse_json(self, raw: bytes | list[Part]) -> Any:
-        """A JSON body's value; `InvalidRequest` naming what is wrong with it."""
-        if isinstance(raw, list):
-            raise errors.InvalidRequest("this route takes a JSON body, not a multipart form")
-        if not raw.strip():
-            raise errors.InvalidRequest("request body is empty: send a JSON object (Content-Type: application/json)")
-        try:
-            return json.loads(raw)
-        except RecursionError:
-            raise errors.InvalidRequest("request body is JSON nested too deeply") from None
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise errors.InvalidRequest(
-                f"request body is not valid JSON ({str(exc)[:120]}): send a JSON object with "
-                "Content-Type: application/json, or image files as multipart/form-data (curl -F image=@cat.jpg)"
-            ) from None
 
-    def embed_body(self, raw: bytes | list[Part], max_images: int, max_image_bytes: int) -> EmbedBody:
-        """A `/v1/embed` body, JSON or a form; the whole body is checked before any image is embedded."""
-        if isinstance(raw, list):
-            return _form_body(raw, max_images, max_image_bytes)
-        value = self.parse_json(raw)
-        job = parse_input(value, max_images, HTTP)
-        slots = decode_images(job.images, max_image_bytes)
-        return EmbedBody(slots, job.single, job.options, timeout_ms(value.get("timeout_ms")))
+def parse_json(raw: bytes | list[Part]) -> Any:
+    """A JSON body's value; `InvalidRequest` naming what is wrong with it."""
+    if isinstance(raw, list):
+        raise errors.InvalidRequest("this route takes a JSON body, not a multipart form")
+    if not raw.strip():
+        raise errors.InvalidRequest("request body is empty: send a JSON object (Content-Type: application/json)")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise errors.InvalidRequest("request body is JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise errors.InvalidRequest(
+            f"request body is not valid JSON ({str(exc)[:120]}): send a JSON object with "
+            "Content-Type: application/json, or image files as multipart/form-data (curl -F image=@cat.jpg)"
+        ) from None
+
+
+def embed_body(raw: bytes | list[Part], max_images: int, max_image_bytes: int) -> EmbedBody:
+    """A `/v1/embed` body, JSON or a form; the whole body is checked before any image is embedded."""
+    if isinstance(raw, list):
+        return _form_body(raw, max_images, max_image_bytes)
+    value = parse_json(raw)
+    job = parse_input(value, max_images, HTTP)
+    slots = decode_images(job.images, max_image_bytes)
+    return EmbedBody(slots, job.single, job.options, timeout_ms(value.get("timeout_ms")))
 
 
 async def _read_part(part: BodyPartReader, limit: int) -> bytes | None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from server.http import openai
-from server.http.bodies import BodyReader, EmbedBody
+from server.http.bodies import BodyReader, EmbedBody, embed_body, parse_json
 from server.http.status import json_response, refusal
 from server.json_jobs import Slot, batch_output, decode_images, embed_slots, single_output
 from server.service import EmbedOptions, EmbedService, ImageResult
@@ -57,7 +57,7 @@ class Routes:
         raw = await self._bodies.receive(request)
         arrived = time.monotonic()
         settings = self._settings
-        return self._bodies.embed_body(raw, settings.max_images_per_request, settings.max_image_bytes), arrived
+        return embed_body(raw, settings.max_images_per_request, settings.max_image_bytes), arrived
 
     async def embeddings(self, request: web.Request) -> web.Response:
         """`POST /v1/embeddings`: OpenAI's shape; any failed image fails the request (see server/http/openai.py)."""
@@ -72,7 +72,7 @@ class Routes:
         raw = await self._bodies.receive(request)
         arrived = time.monotonic()
         settings = self._settings
-        value = self._bodies.parse_json(raw)
+        value = parse_json(raw)
         parsed = openai.parse_request(value, settings.max_images_per_request, self._service.info.embedding_dim)
         return parsed, decode_images(parsed.inputs, settings.max_image_bytes), arrived
 
