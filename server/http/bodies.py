@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,15 +34,16 @@ HTTP = Dialect("body", "request", ("timeout_ms",))
 FORM_FIELDS = ("image", "images", *OPTION_KEYS, "timeout_ms")
 _FIELD_BYTES = 1024  # an option field's value (pooling, normalize, timeout_ms) is a word
 _CHUNK_BYTES = 256 * 1024
+_DISPOSITION_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 _FORM_BOOLEANS = {"true": True, "false": False}
 
 
 @dataclass(frozen=True)
 class Part:
-    """One part of a multipart form: its name, its file name (None for a plain field) and its bytes."""
+    """One part of a multipart form: its name, whether it is a file (it has a file name) and its bytes."""
 
     name: str
-    filename: str | None
+    is_file: bool
     data: bytes
 
 
@@ -123,7 +125,7 @@ class BodyReader:
                 return parts
             if not isinstance(part, BodyPartReader):
                 raise errors.InvalidRequest("nested multipart parts are not accepted: send each image as a file part")
-            name = part.name or ""
+            name, is_file = _disposition(part)
             if name not in FORM_FIELDS:
                 raise errors.InvalidRequest(
                     f"unknown form field {shown(name)}; accepted: {', '.join(FORM_FIELDS)} (curl -F image=@cat.jpg)"
@@ -135,7 +137,7 @@ class BodyReader:
             if data is None:
                 raise errors.InvalidRequest(f"form field {shown(name)} is over {_FIELD_BYTES} bytes: it takes a word")
             total += len(data)
-            parts.append(Part(name, part.filename, data))
+            parts.append(Part(name, is_file, data))
 
 
 def parse_json(raw: bytes | list[Part]) -> Any:
@@ -163,6 +165,20 @@ def embed_body(raw: bytes | list[Part], max_images: int, max_image_bytes: int) -
     job = parse_input(value, max_images, HTTP)
     slots = decode_images(job.images, max_image_bytes)
     return EmbedBody(slots, job.single, job.options, timeout_ms(value.get("timeout_ms")))
+
+
+def _disposition(part: BodyPartReader) -> tuple[str, bool]:
+    """A form part's name, and whether it has a file name, from its Content-Disposition.
+
+    Parsed here rather than by aiohttp's `part.name` and `part.filename`, which cost 0.08 ms each
+    (they rebuild an escaped table of 128 characters on every call): 0.16 ms of the event loop per image.
+    """
+    header = part.headers.get("Content-Disposition", "")
+    params = {key.lower(): value.strip() for key, value in _DISPOSITION_PARAM.findall(header)}
+    name = params.get("name", "")
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        name = name[1:-1]
+    return name, "filename" in params or "filename*" in params
 
 
 async def _read_part(part: BodyPartReader, limit: int) -> bytes | None:
@@ -204,7 +220,7 @@ def _form_body(parts: list[Part], max_images: int, max_image_bytes: int) -> Embe
     fields = _fields(part for part in parts if part.name not in ("image", "images"))
     slots: list[Slot] = []
     for part in images:
-        if part.filename is not None:
+        if part.is_file:
             slots.append(part.data)
         else:
             slots.extend(decode_images([part.data.decode("latin-1")], max_image_bytes))

@@ -59,10 +59,13 @@ def refusal(exc: errors.EmbedError, prefix: str = "") -> HttpError:
     return HttpError(status_of(exc), code_of(exc), f"{prefix}{exc}", headers)
 
 
-def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+def to_json(body: Any) -> bytes:
     """`body` as compact JSON (the embeddings of a request are most of the bytes: no spaces)."""
-    text = json.dumps(body, separators=(",", ":"))
-    return web.Response(body=text.encode(), status=status, headers=headers, content_type="application/json")
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=to_json(body), status=status, headers=headers, content_type="application/json")
 
 
 def error_response(error: HttpError) -> web.Response:
