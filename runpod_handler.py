@@ -12,32 +12,41 @@ images of concurrent jobs share model batches.
     {"images": ["<base64>", ...]}  -> {"embeddings": [[...] or null, ...],
                                        "errors": [{"index", "code", "message"}, ...]}
 
-plus optional "pooling" (cls, mean, cls_mean) and "normalize" (bool). A job
-that produces nothing returns {"error": "<CODE>: <message>"}, which RunPod
-records as FAILED. Engine errors become codes here and nowhere else (`CODE_OF`).
+plus optional "pooling" (cls, mean, cls_mean) and "normalize" (bool): the
+JSON job shape of server/json_jobs.py, which the HTTP transport speaks too, and
+whose `CODE_OF` names engine errors. A job that produces nothing returns
+{"error": "<CODE>: <message>"}, which RunPod records as FAILED; what is
+RunPod's own is here: that failure rule and the bound on a request's size.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
-import math
 import os
 import sys
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import runpod
 
 from server import errors
 from server.config import Settings, load_settings
+from server.json_jobs import (
+    CODE_OF,  # noqa: F401 - this transport's table of codes, read here by its tests
+    JobInput,
+    batch_output,
+    code_of,
+    decode_images,
+    embed_slots,
+    failures,
+    parse_input,
+    single_output,
+)
 from server.logs import REQUEST_ID, configure_logging
-from server.model import ModelRunner, Pooling
+from server.model import ModelRunner
 from server.runtime import freeze_startup_objects
 from server.service import EmbedOptions, EmbedService, ImageResult
 
@@ -45,126 +54,24 @@ log = logging.getLogger("runpod_handler")
 
 T = TypeVar("T")
 
-CODE_OF: dict[type[errors.EmbedError], str] = {
-    errors.InvalidImage: "INVALID_ARGUMENT",
-    errors.InvalidRequest: "INVALID_ARGUMENT",
-    errors.Overloaded: "RESOURCE_EXHAUSTED",
-    errors.Unavailable: "UNAVAILABLE",
-    errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
-    errors.Cancelled: "CANCELLED",
-    errors.InferenceFailed: "INTERNAL",
-    errors.Internal: "INTERNAL",
-}
 INTERNAL_MESSAGE = "the worker failed on this job; the details are in its log"
 
-INPUT_KEYS = ("image", "images", "pooling", "normalize")
-POOLINGS = {pooling.value: pooling for pooling in Pooling}
 # RunPod refuses request bodies over 20 MB on /runsync (10 MB on /run); only a
 # local test server lets more through, and this makes it refuse them too.
 MAX_INPUT_CHARS = 20 * 1024 * 1024
 SUMMARY_ITEMS = 5  # per-image errors listed when every image of a batch failed
 
 
-def code_of(exc: errors.EmbedError) -> str:
-    return CODE_OF.get(type(exc), "INTERNAL")
-
-
-@dataclass(frozen=True)
-class JobInput:
-    """A validated job input: base64 strings, whether it used the one-image form, the options."""
-
-    images: list[str]
-    single: bool
-    options: EmbedOptions
-
-
-def parse_input(raw: Any, max_images: int) -> JobInput:
-    """Checks the whole input before any work starts; `InvalidRequest` says what is wrong.
-
-    A key whose value is null counts as not given.
-    """
-    if not isinstance(raw, dict):
-        raise errors.InvalidRequest(f'input must be an object with "image" or "images", not {_json_type(raw)}')
-    unknown = [_shown(str(key)) for key in raw if key not in INPUT_KEYS]
-    if unknown:
-        raise errors.InvalidRequest(f"unknown input key(s) {', '.join(unknown)}; accepted: {', '.join(INPUT_KEYS)}")
-    given = {key: value for key, value in raw.items() if value is not None}
-    if ("image" in given) == ("images" in given):
-        raise errors.InvalidRequest('input needs exactly one of "image" (a base64 string) or "images" (a list of them)')
-    single = "image" in given
-    images = [_base64_string(given["image"], "image")] if single else _image_list(given["images"], max_images)
-    chars = sum(map(len, images))
+def parse_job(raw: Any, max_images: int) -> JobInput:
+    """The shared JSON job input (server/json_jobs.py), within what a RunPod request can carry."""
+    request = parse_input(raw, max_images)
+    chars = sum(map(len, request.images))
     if chars > MAX_INPUT_CHARS:
         raise errors.InvalidRequest(
             f"input carries {chars} base64 characters, over the {MAX_INPUT_CHARS} a RunPod request can hold "
             "(20 MB on /runsync, 10 MB on /run); send fewer or smaller images per job"
         )
-    options = EmbedOptions(_pooling(given.get("pooling", "cls")), _normalize(given.get("normalize", False)))
-    return JobInput(images, single, options)
-
-
-def _image_list(value: Any, limit: int) -> list[str]:
-    if not isinstance(value, list):
-        raise errors.InvalidRequest(f'"images" must be a list of base64 strings, not {_json_type(value)}')
-    if not value:
-        raise errors.InvalidRequest('"images" is empty: send at least one image')
-    if len(value) > limit:
-        raise errors.InvalidRequest(f'"images" has {len(value)} items, over the limit of {limit} per job')
-    return [_base64_string(item, f"images[{index}]") for index, item in enumerate(value)]
-
-
-def _base64_string(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise errors.InvalidRequest(f"{where} must be a base64 string, not {_json_type(value)}")
-    return value
-
-
-def _pooling(value: Any) -> Pooling:
-    if isinstance(value, str) and value.lower() in POOLINGS:
-        return POOLINGS[value.lower()]
-    shown = _shown(value) if isinstance(value, str) else _json_type(value)
-    raise errors.InvalidRequest(f'"pooling" must be one of {", ".join(POOLINGS)}, not {shown}')
-
-
-def _normalize(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise errors.InvalidRequest(f'"normalize" must be true or false, not {_json_type(value)}')
-    return value
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-             dict: "an object", type(None): "null"}  # fmt: skip
-    return names.get(type(value), type(value).__name__)
-
-
-def _shown(text: str, limit: int = 40) -> str:
-    """Caller text quoted in a message, cut short so a message never carries a payload."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def decode_base64(text: str, max_bytes: int) -> bytes:
-    """Base64, or a data URL carrying it, to bytes; `InvalidImage` when it is neither or too long.
-
-    The length is checked before decoding, so an oversize string costs nothing;
-    the engine checks `max_bytes` again on the decoded bytes.
-    """
-    if text.startswith("data:"):
-        header, comma, text = text.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise errors.InvalidImage('a data URL must look like "data:image/png;base64,<base64 data>"')
-    max_chars = 4 * math.ceil(max_bytes / 3)
-    if len(text) > max_chars:
-        raise errors.InvalidImage(
-            f"base64 data is {len(text)} characters, over the {max_chars} that hold "
-            f"the image limit of {max_bytes} bytes"
-        )
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise errors.InvalidImage(
-            f"not valid base64 ({exc}); send standard base64 without line breaks (base64 -w0)"
-        ) from None
+    return request
 
 
 class Worker:
@@ -210,7 +117,7 @@ class Worker:
         REQUEST_ID.set(str(job.get("id", "-"))[:100])  # this job's task only: log lines carry the job id
         deadline = time.monotonic() + self.settings.runpod_job_timeout_s
         try:
-            request = parse_input(job.get("input"), self.settings.max_images_per_request)
+            request = parse_job(job.get("input"), self.settings.max_images_per_request)
             return await self._answer(request, deadline)
         except errors.EmbedError as exc:
             return self._failed(code_of(exc), str(exc))
@@ -224,28 +131,18 @@ class Worker:
             error = results[0].error
             if error is not None:
                 return self._failed(code_of(error), f"image: {error}")
-            return self._done({"embedding": results[0].embedding.tolist()})  # type: ignore[union-attr]
-        failed = [(index, result.error) for index, result in enumerate(results) if result.error is not None]
+            return self._done(single_output(results[0]))
+        failed = failures(results)
         if len(failed) == len(results):
             listed = "; ".join(f"images[{index}]: {code_of(exc)}: {exc}" for index, exc in failed[:SUMMARY_ITEMS])
             more = f"; and {len(failed) - SUMMARY_ITEMS} more" if len(failed) > SUMMARY_ITEMS else ""
             return self._failed(code_of(failed[0][1]), f"all {len(failed)} images failed: {listed}{more}")
-        return self._done({
-            "embeddings": [None if r.embedding is None else r.embedding.tolist() for r in results],
-            "errors": [{"index": index, "code": code_of(exc), "message": str(exc)} for index, exc in failed],
-        })  # fmt: skip
+        return self._done(batch_output(results))
 
     async def _embed_all(self, request: JobInput, deadline: float) -> list[ImageResult]:
         """Base64-decodes each image (a bad one fails alone) and embeds the others in one engine call."""
-        decoded: list[bytes | ImageResult] = []
-        for text in request.images:
-            try:
-                decoded.append(decode_base64(text, self.settings.max_image_bytes))
-            except errors.InvalidImage as exc:
-                decoded.append(ImageResult(error=exc))
-        datas = [item for item in decoded if isinstance(item, bytes)]
-        embedded = iter(await self._in_engine(self._embed(datas, request.options, deadline)) if datas else [])
-        return [next(embedded) if isinstance(item, bytes) else item for item in decoded]
+        slots = decode_images(request.images, self.settings.max_image_bytes)
+        return await embed_slots(slots, lambda datas: self._in_engine(self._embed(datas, request.options, deadline)))
 
     async def _embed(self, datas: list[bytes], options: EmbedOptions, deadline: float) -> list[ImageResult]:
         """Runs on the engine's loop. A job this worker took has nowhere better to go: it waits for room,

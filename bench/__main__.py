@@ -8,6 +8,7 @@
     python -m bench --pipe-frames                  # CPU of full-size pixels through a decode worker's pipe
     python -m bench --overload --size base --dtype float32   # backpressure: bulk client, bursts, idle streams
     python -m bench --patch-tokens --size small --dtype float32  # 64-image requests: patch tokens vs pooled
+    python -m bench --http --size small --dtype float32      # HTTP POST /v1/embed against gRPC Embed, one server
 
 Raw, service and seed-style are measured in alternating rounds while the
 server is up, and each path's best round is reported: on a shared machine a
@@ -33,6 +34,7 @@ from bench import (
     fidelity,
     flops,
     host_path,
+    http_path,
     machine,
     overload,
     patch_tokens,
@@ -55,6 +57,7 @@ SMOKE = {
 }  # fmt: skip
 TOKENS_SMOKE = {"size": "tiny", "service_images": 128, "distinct_images": 8, "rounds": 1}
 OVERLOAD_SMOKE = {"size": "tiny", "photos": 40, "burst_calls": 20, "idle_streams": 400, "settle_s": 1.0}
+HTTP_SMOKE = {"size": "tiny", "distinct_images": 8, "request_images": 4, "window": 2, "rounds": 1}
 HOST_SMOKE = {
     "distinct_images": 8, "request_images": 4, "window": 4, "rounds": 1, "decode_seconds": 0.2,
     "server_seconds": 0.3,
@@ -76,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="alternating raw / service / seed-style rounds (3, --host-path too)")
     p.add_argument("--service-seconds", type=float, default=15.0, help="service: about this long per round")
     p.add_argument("--service-images", type=int, default=0, help="service: images per round (overrides seconds)")
-    p.add_argument("--request-images", type=int, help="service: images per EmbedRequest (8; --host-path 32)")
-    p.add_argument("--window", type=int, default=16, help="service: requests in flight on the stream")
+    p.add_argument("--request-images", type=int, help="service: images per EmbedRequest (8; --host-path, --http 32)")
+    p.add_argument("--window", type=int, help="service: requests in flight on the stream (16; --http 4)")
     p.add_argument("--max-batch-size", type=int, default=0, help="server's --max-batch-size (0: raw's best)")
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag: --server-arg=--max-wait-ms=2")
     p.add_argument("--seed-images", type=int, default=24, help="seed-style: images per round (and parity sample)")
@@ -113,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--null-threads", type=int, default=1,
                    help="--host-path: the server's OMP_NUM_THREADS (0 = PyTorch's default)")  # fmt: skip
     p.add_argument("--server-seconds", type=float, default=10.0, help="--host-path: server seconds per round")
+    p.add_argument("--http", action="store_true",
+                   help="only HTTP POST /v1/embed (JSON, multipart) against gRPC Embed, on one server")  # fmt: skip
     p.add_argument("--overload", action="store_true",
                    help="only backpressure: the bulk client, a burst of calls and idle streams on --size")  # fmt: skip
     p.add_argument("--photos", type=int, default=300, help="--overload: JPEGs the bulk client embeds")
@@ -125,10 +130,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token-dtype", default="float16", choices=list(patch_tokens.TOKEN_DTYPES),
                    help="--patch-tokens: the tokens' dtype")  # fmt: skip
     args = p.parse_args(argv)
-    args.request_images = args.request_images or (32 if args.host_path else 8)
+    args.request_images = args.request_images or (32 if args.host_path or args.http else 8)
+    args.window = args.window or (4 if args.http else 16)
     args.rounds = args.rounds or 3
     if args.smoke:
-        smoke = HOST_SMOKE if args.host_path else OVERLOAD_SMOKE if args.overload else SMOKE
+        smoke = (
+            HOST_SMOKE if args.host_path else HTTP_SMOKE if args.http else OVERLOAD_SMOKE if args.overload else SMOKE
+        )
         for key, value in (TOKENS_SMOKE if args.patch_tokens else smoke).items():
             setattr(args, key, value)
     args.seed_images = min(args.seed_images, args.distinct_images)
@@ -299,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.patch_tokens:
                 flags = server_flags(args, model_dir, args.device, args.max_batch_size or "auto")
                 result = patch_tokens.run(args, model_dir, flags)
+            elif args.http:
+                result = http_path.run(args, model_dir)
             else:
                 result = overload.run(args, model_dir) if args.overload else run(args, model_dir)
     if args.pipe_frames:
@@ -309,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table = capacity.table if args.capacity else host_path.table
     elif args.patch_tokens:
         table = patch_tokens.table
+    elif args.http:
+        table = http_path.table
     else:
         table = overload.table if args.overload else report.table
     print(table(result))

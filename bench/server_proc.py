@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"gRPC listening on (\S+):(\d+)")
+HTTP_LISTENING = re.compile(r"HTTP listening on (\S+):(\d+)")
 METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 READY = "engine ready"
 # Sums and counts read from /metrics: where the server's time went.
@@ -39,6 +40,7 @@ class ServerProcess:
         self.ready_timeout_s = ready_timeout_s
         self.lines: list[str] = []
         self.port: int | None = None
+        self.http_port: int | None = None  # with --http-port
         self.metrics_url: str | None = None
         self._ready = threading.Event()
         self._proc: subprocess.Popen[str] | None = None
@@ -118,6 +120,8 @@ class ServerProcess:
             match = LISTENING.search(line)
             if match:
                 self.port = int(match.group(2))
+            if http := HTTP_LISTENING.search(line):
+                self.http_port = int(http.group(2))
             metrics = METRICS.search(line)
             if metrics:
                 self.metrics_url = metrics.group(1).replace("0.0.0.0", "127.0.0.1")

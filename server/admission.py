@@ -87,6 +87,7 @@ class Admission:
                 f"it ({self.images} images, at about {total.rate:.3g} images/s), over its bound of "
                 f"{self.max_queue_s:g} s; retry with backoff or on another server",
                 reason="queue_time",
+                retry_after_s=total.wait - self.max_queue_s,
             )
         left = float("inf") if deadline is None else deadline - time.monotonic()
         if SAFETY * total.seconds > left:

@@ -1,7 +1,9 @@
-"""Assembles the running gRPC server: engine, servicer, health, reflection, metrics.
+"""Assembles the running server: engine, gRPC servicer, health, reflection, metrics, and HTTP when asked.
 
 `EmbedServer` is what `python -m server` runs and what the tests start
-in-process on a free loopback port.
+in-process on a free loopback port. The HTTP/JSON transport (server/http/,
+on with `--http-port`) runs on the same event loop and shares the engine,
+the call bounds and the receive slots with gRPC.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from server.callers import CallLimitInterceptor, CallLimits
 from server.config import Settings
 from server.errors import StartupError
 from server.grpc_service import SERVICE_NAME, EmbedServicer, add_to_server
+from server.http.app import HttpServer
 from server.interceptors import ApiKeyInterceptor, RequestIdInterceptor
 from server.metrics import Metrics
 from server.model import ModelRunner
@@ -69,7 +72,7 @@ def check_port_free(host: str, port: int, what: str) -> None:
 
 
 class EmbedServer:
-    """The engine behind a gRPC server; start it, serve, then stop it with a grace period."""
+    """The engine behind a gRPC server (and an HTTP one); start it, serve, then stop it with a grace period."""
 
     def __init__(self, settings: Settings, runner: ModelRunner) -> None:
         self.settings = settings
@@ -77,6 +80,7 @@ class EmbedServer:
         self.service = EmbedService(settings, runner, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._health_updates: set[asyncio.Future[None]] = set()
         interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
@@ -85,7 +89,9 @@ class EmbedServer:
         self.calls = CallLimits(settings.max_calls_per_caller, settings.max_concurrent_rpcs)
         interceptors.append(CallLimitInterceptor(self.calls, self.metrics.refused.labels("calls").inc))
         self._server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
-        self._servicer = EmbedServicer(self.service)
+        receiving = asyncio.Semaphore(settings.max_receiving_requests)
+        self._servicer = EmbedServicer(self.service, receiving)
+        self._http = None if settings.http_port is None else HttpServer(settings, self.service, self.calls, receiving)
         add_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -94,7 +100,7 @@ class EmbedServer:
         )
 
     async def start(self) -> int:
-        """Listens (health NOT_SERVING), warms the model up, then reports SERVING; returns the port."""
+        """Listens (health NOT_SERVING), warms the model up, then reports SERVING; returns the gRPC port."""
         try:
             self.port = self._listen()
         except RuntimeError:  # grpc's "Failed to bind"
@@ -108,6 +114,8 @@ class EmbedServer:
         self.service.add_health_listener(self._publish_health)
         await self._server.start()
         log.info("gRPC listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if self.settings.tls_cert else "")
+        if self._http is not None:
+            self.http_port = await self._http.start()
         await self.service.start()
         return self.port
 
@@ -119,7 +127,7 @@ class EmbedServer:
         return self._server.add_insecure_port(self.settings.address)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: new work gets UNAVAILABLE, work in flight finishes within `grace` seconds.
+        """Drains: new work gets UNAVAILABLE (HTTP 503), work in flight finishes within `grace` seconds.
 
         Streams end UNAVAILABLE once their answers in flight are sent: an idle
         stream would otherwise hold the drain for the whole grace period.
@@ -128,7 +136,10 @@ class EmbedServer:
         self.service.begin_drain()
         self._servicer.drain()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        stops = [self._server.stop(grace)]
+        if self._http is not None:
+            stops.append(self._http.stop(grace))
+        await asyncio.gather(*stops)
         await self.service.close()
         self.metrics.close()
 
@@ -146,6 +157,8 @@ class EmbedServer:
 async def serve(settings: Settings) -> None:
     """Loads the model, serves until SIGTERM or SIGINT, then drains and returns."""
     check_port_free(settings.host, settings.port, "gRPC")
+    if settings.http_port is not None:
+        check_port_free(settings.host, settings.http_port, "HTTP")
     if settings.metrics_port >= 0:
         check_port_free(settings.host, settings.metrics_port, "metrics")
     runner = await asyncio.to_thread(ModelRunner.load, settings)

@@ -1,4 +1,4 @@
-"""Calls in progress, per caller: one caller cannot lock the others out.
+"""Calls in progress, per caller: one caller cannot lock the others out (gRPC and HTTP calls together).
 
 gRPC's own `maximum_concurrent_rpcs` is one count for the whole server, idle
 streams and health checks included: a client that opened thousands of
@@ -32,13 +32,19 @@ def caller_of(peer: str) -> str:
     if kind == "ipv4":
         return rest.rpartition(":")[0] or rest
     if kind == "ipv6":
-        host = rest[1 : rest.find("]")] if rest.startswith("[") else rest.rpartition(":")[0]
-        try:
-            address = ipaddress.IPv6Address(host)
-        except ValueError:
-            return host
-        return str(address.ipv4_mapped or address)
+        return normalized_address(rest[1 : rest.find("]")] if rest.startswith("[") else rest.rpartition(":")[0])
     return peer
+
+
+def normalized_address(host: str) -> str:
+    """A caller's IP address as one string per caller: an IPv4 address mapped into IPv6 is the IPv4 one."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 class CallLimits:

@@ -55,8 +55,14 @@ class Settings:
         "DINOv2: shortest edge 256, center crop 224; at another N, crop N and shortest edge N x 256/224).",
         choices=PREPROCESS,
     )
-    host: str = _opt("0.0.0.0", "Address the gRPC server listens on.")
+    host: str = _opt("0.0.0.0", "Address the gRPC server (and the HTTP one) listens on.")
     port: int = _opt(50051, "gRPC port (0 picks a free one).")
+    http_port: int | None = _opt(
+        None,
+        "HTTP/JSON port (POST /v1/embed, /v1/embeddings; 0 picks a free one); no HTTP server unless set.",
+        parse=int,
+        kind_name="int",
+    )
     max_batch_size: int | str = _opt(
         "auto",
         "Most images in one forward pass; auto = 16 on CPU, measured at start on a GPU.",
@@ -78,7 +84,7 @@ class Settings:
     max_images_per_request: int = _opt(256, "Most images in one EmbedRequest.")
     max_image_bytes: int = _opt(32 * 1024 * 1024, "Largest encoded image, in bytes.")
     max_image_pixels: int = _opt(50_000_000, "Largest decoded image, in pixels (width x height).")
-    max_request_bytes: int = _opt(128 * 1024 * 1024, "Largest gRPC message, in bytes.")
+    max_request_bytes: int = _opt(128 * 1024 * 1024, "Largest gRPC message or HTTP request body, in bytes.")
     max_inflight_bytes: int = _opt(
         512 * 1024 * 1024, "Encoded image bytes accepted and not yet answered; beyond it RESOURCE_EXHAUSTED."
     )
@@ -86,13 +92,15 @@ class Settings:
         200_000_000, "Full-size pixels being decoded at once over all workers; beyond it an image waits its turn."
     )
     max_concurrent_rpcs: int = _opt(
-        2048, "Calls handled at once, health checks not counted; beyond it RESOURCE_EXHAUSTED."
+        2048, "Calls handled at once, gRPC and HTTP together, health checks not counted; beyond it RESOURCE_EXHAUSTED."
     )
     max_calls_per_caller: int = _opt(
         256, "Calls one caller (a peer address) has open at once, idle streams included; beyond it RESOURCE_EXHAUSTED."
     )
-    max_receiving_requests: int = _opt(4, "Embed bodies read at once; other callers' bodies wait, unread.")
-    receive_timeout_s: float = _opt(30.0, "Longest an Embed body may take to arrive once its read began.")
+    max_receiving_requests: int = _opt(
+        4, "Request bodies read at once (gRPC Embed and HTTP together); other callers' bodies wait, unread."
+    )
+    receive_timeout_s: float = _opt(30.0, "Longest a request body may take to arrive once its read began.")
     preprocess_workers: int = _opt(
         0, "Decode and resize workers (0 = one per CPU this process may use; in threads, at most 4)."
     )
@@ -128,8 +136,10 @@ class Settings:
         600.0, "A RunPod job's images not embedded within this many seconds fail DEADLINE_EXCEEDED."
     )
     log_format: str = _opt("text", "Log lines as text or json.", choices=("text", "json"))
-    api_key: str | None = _opt(None, "Require 'authorization: Bearer <key>' on every RPC but health.", secret=True)
-    tls_cert: str | None = _opt(None, "PEM certificate file; with --tls-key, serve TLS.")
+    api_key: str | None = _opt(
+        None, "Require 'authorization: Bearer <key>' on every call (gRPC or HTTP) but health.", secret=True
+    )
+    tls_cert: str | None = _opt(None, "PEM certificate file; with --tls-key, serve TLS (gRPC and HTTP).")
     tls_key: str | None = _opt(None, "PEM private key file of --tls-cert.")
     probe_interval_s: float = _opt(2.0, "While the model fails, how often a probe forward pass is tried.")
     compile: str = _opt("off", "torch.compile the model: on or off (minutes more to start).", choices=("off", "on"))
@@ -167,6 +177,8 @@ class Settings:
             raise ValueError(f"idle_trim_s must not be negative, not {self.idle_trim_s}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be from 0 to 65535 (0 picks a free one), not {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be from 0 to 65535 (0 picks a free one), not {self.http_port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be from 0 to 65535, or -1 to disable, not {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):

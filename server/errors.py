@@ -2,7 +2,8 @@
 
 Every failure a caller can cause, or can be told about, is one of these. The
 transports map them to their own codes in one place each: gRPC in
-`server/grpc_service.py`, RunPod in `runpod_handler.py`. Messages are written
+`server/grpc_service.py`, the JSON job shape of RunPod and HTTP in
+`server/json_jobs.py`, HTTP statuses in `server/http/status.py`. Messages are written
 for the caller: they name the problem and never carry image bytes.
 """
 
@@ -26,11 +27,14 @@ class Overloaded(EmbedError):
 
     `reason` names the bound that refused it, for the metrics: images, bytes,
     queue_time, deadline, wait (a waiting job's deadline passed) or calls.
+    `retry_after_s`, when known, is how long until the same request would be
+    taken (HTTP's Retry-After).
     """
 
-    def __init__(self, message: str, reason: str = "images") -> None:
+    def __init__(self, message: str, reason: str = "images", retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(EmbedError):

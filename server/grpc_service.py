@@ -194,10 +194,11 @@ def _response(request: embed_pb2.EmbedRequest, results: list[ImageResult], start
 class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     """Embed, EmbedStream and Info on one shared engine."""
 
-    def __init__(self, service: EmbedService) -> None:
+    def __init__(self, service: EmbedService, receiving: asyncio.Semaphore | None = None) -> None:
+        """`receiving` bounds the bodies read at once (`max_receiving_requests`), shared with the HTTP transport."""
         self._service = service
         self._metrics = service.metrics
-        self._receiving = asyncio.Semaphore(service.settings.max_receiving_requests)
+        self._receiving = receiving or asyncio.Semaphore(service.settings.max_receiving_requests)
         self._readers: set[asyncio.Future[None]] = set()  # the request readers of the streams open now
         self._draining = False
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +79,19 @@ def reference(model_dir: Path) -> Reference:
 @pytest.fixture(scope="session")
 def corpus() -> dict[str, bytes]:
     return images.corpus()
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, and its key (PEM files)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 def ipv6_loopback() -> bool:

@@ -168,16 +168,16 @@ def test_a_draining_stream_sends_the_answer_in_flight_then_ends_unavailable(
             running.end_loop()
 
 
-@pytest.mark.parametrize("which", ["--port", "--metrics-port"])
+@pytest.mark.parametrize("which", ["--port", "--metrics-port", "--http-port"])
 def test_a_busy_port_ends_the_start_with_one_line(model_dir: Path, which: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        other = "--metrics-port" if which == "--port" else "--port"
+        ports = {"--port": "0", "--metrics-port": "0", which: str(port)}
         proc = subprocess.run(
-            [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1", which, str(port),
-             other, "0"],
+            [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1",
+             *(arg for pair in ports.items() for arg in pair)],
             cwd=ROOT, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     assert proc.returncode == 1

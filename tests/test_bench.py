@@ -83,6 +83,19 @@ def test_overload_smoke_runs_every_part(tmp_path: Path, capsys) -> None:
     assert "bulk client, default flags, 40 JPEGs: exit 0, 40 rows" in capsys.readouterr().out
 
 
+def test_http_smoke_measures_http_beside_grpc_on_one_server(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "http.json"
+    main(["--http", "--smoke", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["paths"]) == {"gRPC Embed", "HTTP JSON", "HTTP multipart"}
+    for path, row in result["paths"].items():
+        assert row["images_per_s"] > 0 and row["server_cpu_ms_per_image"] >= 0, path
+    assert set(result["ratios_to_grpc"]) == {"HTTP JSON", "HTTP multipart"}
+    assert result["identical_embeddings"] is True
+    assert result["target"]["target"] == 0.9 and {"load_average_start", "load_average_end"} <= result["machine"].keys()
+    assert "HTTP JSON >= 0.9 x gRPC Embed" in capsys.readouterr().out
+
+
 def test_fast_fidelity_smoke_reports_each_size_and_factor(tmp_path: Path, model_dir: Path, capsys) -> None:
     from tests import images
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -96,18 +95,6 @@ def test_logs_hold_neither_keys_nor_image_bytes(make_server, caplog: pytest.LogC
     text = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
     assert KEY not in text and "IMAGEBYTESMARKER" not in text
     assert KEY not in repr(server.server.settings)
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 def test_tls_serves_secure_clients_only(make_server, certificate: tuple[Path, Path]) -> None:

@@ -1,0 +1,72 @@
+"""HTTP statuses: engine errors to statuses in one table, and every error answer's JSON shape.
+
+An error answer is always `{"error": {"code": "<CODE>", "message": "<one line>"}}`:
+the code is the gRPC name that RunPod's jobs use too (server/json_jobs.py),
+the message names the problem and the fix. Engine errors are mapped here and
+nowhere else (`STATUS_OF`); the transport's own refusals (a wrong key, a body
+too large, an unknown route) are an `HttpError` that carries its status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from server import errors
+from server.json_jobs import code_of
+
+CLIENT_CLOSED = 499
+"""The caller left before its answer (nginx's number; never sent, only counted)."""
+
+STATUS_OF: dict[type[errors.EmbedError], int] = {
+    errors.InvalidImage: 422,
+    errors.InvalidRequest: 400,
+    errors.Overloaded: 429,
+    errors.Unavailable: 503,
+    errors.DeadlineExceeded: 504,
+    errors.Cancelled: CLIENT_CLOSED,
+    errors.InferenceFailed: 500,
+    errors.Internal: 500,
+}
+
+INTERNAL_MESSAGE = "the server failed on this request; the details are in its log"
+
+
+class HttpError(Exception):
+    """A refusal of the HTTP transport itself, with its status, code name, message and headers."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def status_of(exc: errors.EmbedError) -> int:
+    return STATUS_OF.get(type(exc), 500)
+
+
+def refusal(exc: errors.EmbedError, prefix: str = "") -> HttpError:
+    """The HTTP answer to an engine error; an `Overloaded` that knows when to come back says so in Retry-After."""
+    headers = {}
+    if isinstance(exc, errors.Overloaded) and exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return HttpError(status_of(exc), code_of(exc), f"{prefix}{exc}", headers)
+
+
+def to_json(body: Any) -> bytes:
+    """`body` as compact JSON (the embeddings of a request are most of the bytes: no spaces)."""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=to_json(body), status=status, headers=headers, content_type="application/json")
+
+
+def error_response(error: HttpError) -> web.Response:
+    return json_response({"error": {"code": error.code, "message": error.message}}, error.status, error.headers)

@@ -1,0 +1,217 @@
+"""The JSON job shape that the RunPod worker and the HTTP transport share: its input, its output, its codes.
+
+    {"image": "<base64>"}          -> {"embedding": [...]}
+    {"images": ["<base64>", ...]}  -> {"embeddings": [[...] or null, ...],
+                                       "errors": [{"index", "code", "message"}, ...]}
+
+plus the options, read from the JSON object by one function (`parse_options`),
+so an option added there is taken by every transport that speaks this shape.
+An image string is standard base64 or a data URL (`decode_base64`); an image
+that fails, fails alone. Engine errors get their code names here (`CODE_OF`,
+the gRPC names: one vocabulary for every transport); what a failed image
+does to the whole answer is each transport's call.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server import errors
+from server.model import Pooling
+from server.service import EmbedOptions, ImageResult
+
+CODE_OF: dict[type[errors.EmbedError], str] = {
+    errors.InvalidImage: "INVALID_ARGUMENT",
+    errors.InvalidRequest: "INVALID_ARGUMENT",
+    errors.Overloaded: "RESOURCE_EXHAUSTED",
+    errors.Unavailable: "UNAVAILABLE",
+    errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
+    errors.Cancelled: "CANCELLED",
+    errors.InferenceFailed: "INTERNAL",
+    errors.Internal: "INTERNAL",
+}
+
+OPTION_KEYS = ("pooling", "normalize")
+IMAGE_KEYS = ("image", "images")
+POOLINGS = {pooling.value: pooling for pooling in Pooling}
+
+
+def code_of(exc: errors.EmbedError) -> str:
+    return CODE_OF.get(type(exc), "INTERNAL")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How a transport names the parts of a job in its messages, and the keys it reads itself.
+
+    RunPod says `input` and `job`; HTTP says `body` and `request`, and reads `timeout_ms`.
+    """
+
+    noun: str
+    unit: str
+    own_keys: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (*IMAGE_KEYS, *OPTION_KEYS, *self.own_keys)
+
+
+RUNPOD = Dialect("input", "job")
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """A validated job input: base64 strings, whether it used the one-image form, the options."""
+
+    images: list[str]
+    single: bool
+    options: EmbedOptions
+
+
+def parse_input(raw: Any, max_images: int, dialect: Dialect = RUNPOD) -> JobInput:
+    """Checks the whole input before any work starts; `InvalidRequest` says what is wrong.
+
+    A key whose value is null counts as not given.
+    """
+    given = given_keys(raw, dialect.keys, f'{dialect.noun} must be an object with "image" or "images"', dialect.noun)
+    if ("image" in given) == ("images" in given):
+        raise errors.InvalidRequest(
+            f'{dialect.noun} needs exactly one of "image" (a base64 string) or "images" (a list of them)'
+        )
+    single = "image" in given
+    if single:
+        images = [_base64_string(given["image"], "image")]
+    else:
+        images = _image_list(given["images"], max_images, dialect.unit)
+    return JobInput(images, single, parse_options(given))
+
+
+def given_keys(raw: Any, accepted: Sequence[str], not_object: str, noun: str) -> dict[str, Any]:
+    """The keys of a JSON object whose value is not null; `InvalidRequest` for a non-object or an unknown key."""
+    if not isinstance(raw, dict):
+        raise errors.InvalidRequest(f"{not_object}, not {json_type(raw)}")
+    unknown = [shown(str(key)) for key in raw if key not in accepted]
+    if unknown:
+        raise errors.InvalidRequest(f"unknown {noun} key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+    return {key: value for key, value in raw.items() if value is not None}
+
+
+def parse_options(given: Mapping[str, Any]) -> EmbedOptions:
+    """The embedding options of a JSON object (missing keys take their defaults); the one place options are read."""
+    return EmbedOptions(_pooling(given.get("pooling", "cls")), _normalize(given.get("normalize", False)))
+
+
+def _image_list(value: Any, limit: int, unit: str) -> list[str]:
+    if not isinstance(value, list):
+        raise errors.InvalidRequest(f'"images" must be a list of base64 strings, not {json_type(value)}')
+    if not value:
+        raise errors.InvalidRequest('"images" is empty: send at least one image')
+    if len(value) > limit:
+        raise errors.InvalidRequest(f'"images" has {len(value)} items, over the limit of {limit} per {unit}')
+    return [_base64_string(item, f"images[{index}]") for index, item in enumerate(value)]
+
+
+def _base64_string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise errors.InvalidRequest(f"{where} must be a base64 string, not {json_type(value)}")
+    return value
+
+
+def _pooling(value: Any) -> Pooling:
+    if isinstance(value, str) and value.lower() in POOLINGS:
+        return POOLINGS[value.lower()]
+    said = shown(value) if isinstance(value, str) else json_type(value)
+    raise errors.InvalidRequest(f'"pooling" must be one of {", ".join(POOLINGS)}, not {said}')
+
+
+def _normalize(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise errors.InvalidRequest(f'"normalize" must be true or false, not {json_type(value)}')
+    return value
+
+
+def json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """Caller text quoted in a message, cut short so a message never carries a payload."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """Base64, or a data URL carrying it, to bytes; `InvalidImage` when it is neither or too long.
+
+    The length is checked before decoding, so an oversize string costs nothing;
+    the engine checks `max_bytes` again on the decoded bytes.
+    """
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise errors.InvalidImage('a data URL must look like "data:image/png;base64,<base64 data>"')
+    max_chars = 4 * math.ceil(max_bytes / 3)
+    if len(text) > max_chars:
+        raise errors.InvalidImage(
+            f"base64 data is {len(text)} characters, over the {max_chars} that hold "
+            f"the image limit of {max_bytes} bytes"
+        )
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise errors.InvalidImage(
+            f"not valid base64 ({exc}); send standard base64 without line breaks (base64 -w0)"
+        ) from None
+
+
+Slot = bytes | ImageResult
+"""One image of a job on its way to the engine: its bytes, or the answer it already has (a refusal)."""
+
+
+def decode_images(texts: Sequence[str], max_bytes: int) -> list[Slot]:
+    """Each base64 string's bytes; one that does not decode is answered here, alone (a code and a message)."""
+    slots: list[Slot] = []
+    for text in texts:
+        try:
+            slots.append(decode_base64(text, max_bytes))
+        except errors.InvalidImage as exc:
+            slots.append(ImageResult(error=errors.detached(exc)))
+    return slots
+
+
+async def embed_slots(
+    slots: Sequence[Slot], embed: Callable[[list[bytes]], Awaitable[list[ImageResult]]]
+) -> list[ImageResult]:
+    """The answers to every slot, in order: the images that have bytes embedded in one call of `embed`."""
+    datas = [slot for slot in slots if isinstance(slot, bytes)]
+    embedded = iter(await embed(datas) if datas else [])
+    return [next(embedded) if isinstance(slot, bytes) else slot for slot in slots]
+
+
+def values(result: ImageResult) -> list[float] | None:
+    """An image's answer as JSON: its embedding's values, or null when it failed."""
+    return None if result.embedding is None else result.embedding.tolist()
+
+
+def failures(results: Sequence[ImageResult]) -> list[tuple[int, errors.EmbedError]]:
+    """(index, error) of every image that failed, in order."""
+    return [(index, result.error) for index, result in enumerate(results) if result.error is not None]
+
+
+def batch_output(results: Sequence[ImageResult]) -> dict[str, Any]:
+    """The answer to an `images` job: one entry per image (null when it failed), and its errors."""
+    return {
+        "embeddings": [values(result) for result in results],
+        "errors": [{"index": index, "code": code_of(exc), "message": str(exc)} for index, exc in failures(results)],
+    }
+
+
+def single_output(result: ImageResult) -> dict[str, Any]:
+    """The answer to an `image` job whose image was embedded (a failed one is the transport's to answer)."""
+    return {"embedding": values(result)}
