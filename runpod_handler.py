@@ -131,13 +131,13 @@ class Worker:
             error = results[0].error
             if error is not None:
                 return self._failed(code_of(error), f"image: {error}")
-            return self._done(single_output(results[0]))
+            return self._done(single_output(results[0], request.options))
         failed = failures(results)
         if len(failed) == len(results):
             listed = "; ".join(f"images[{index}]: {code_of(exc)}: {exc}" for index, exc in failed[:SUMMARY_ITEMS])
             more = f"; and {len(failed) - SUMMARY_ITEMS} more" if len(failed) > SUMMARY_ITEMS else ""
             return self._failed(code_of(failed[0][1]), f"all {len(failed)} images failed: {listed}{more}")
-        return self._done(batch_output(results))
+        return self._done(batch_output(results, request.options))
 
     async def _embed_all(self, request: JobInput, deadline: float) -> list[ImageResult]:
         """Base64-decodes each image (a bad one fails alone) and embeds the others in one engine call."""

@@ -4,8 +4,11 @@
     {"images": ["<base64>", ...]}  -> {"embeddings": [[...] or null, ...],
                                        "errors": [{"index", "code", "message"}, ...]}
 
-plus the options, read from the JSON object by one function (`parse_options`),
-so an option added there is taken by every transport that speaks this shape.
+plus the options, read from the JSON object by one function (`parse_options`): "pooling",
+"normalize" and "patch_tokens" (true, a dtype name, or {"dtype", "normalize"}); with it, the
+answer also has "patch_tokens" ({"rows", "cols", "dim", "dtype", "data": base64 of the
+little-endian values}, or null for a failed image) beside "embedding(s)". An option added
+there is taken by every transport that speaks this shape.
 An image string is standard base64 or a data URL (`decode_base64`); an image
 that fails, fails alone. Engine errors get their code names here (`CODE_OF`,
 the gRPC names: one vocabulary for every transport); what a failed image
@@ -24,6 +27,7 @@ from typing import Any
 from server import errors
 from server.model import Pooling
 from server.service import EmbedOptions, ImageResult
+from server.tokens import TOKEN_DTYPES, TokenOptions
 
 CODE_OF: dict[type[errors.EmbedError], str] = {
     errors.InvalidImage: "INVALID_ARGUMENT",
@@ -37,6 +41,9 @@ CODE_OF: dict[type[errors.EmbedError], str] = {
 }
 
 OPTION_KEYS = ("pooling", "normalize")
+TOKEN_KEYS = ("patch_tokens",)
+"""Keys of the per-image outputs beyond the embedding: the JSON job takes them, OpenAI's shape has no room."""
+TOKEN_OPTION_KEYS = ("dtype", "normalize")
 IMAGE_KEYS = ("image", "images")
 POOLINGS = {pooling.value: pooling for pooling in Pooling}
 
@@ -58,7 +65,7 @@ class Dialect:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return (*IMAGE_KEYS, *OPTION_KEYS, *self.own_keys)
+        return (*IMAGE_KEYS, *OPTION_KEYS, *TOKEN_KEYS, *self.own_keys)
 
 
 RUNPOD = Dialect("input", "job")
@@ -103,7 +110,33 @@ def given_keys(raw: Any, accepted: Sequence[str], not_object: str, noun: str) ->
 
 def parse_options(given: Mapping[str, Any]) -> EmbedOptions:
     """The embedding options of a JSON object (missing keys take their defaults); the one place options are read."""
-    return EmbedOptions(_pooling(given.get("pooling", "cls")), _normalize(given.get("normalize", False)))
+    pooling, normalize = _pooling(given.get("pooling", "cls")), _normalize(given.get("normalize", False))
+    return EmbedOptions(pooling, normalize, _patch_tokens(given.get("patch_tokens")))
+
+
+def _patch_tokens(value: Any) -> TokenOptions | None:
+    """`"patch_tokens"`: false/absent (none), true (float32), a dtype name, or {"dtype", "normalize"}."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return TokenOptions()
+    if isinstance(value, str) and value.lower() in TOKEN_DTYPES:
+        return TokenOptions(value.lower())
+    if isinstance(value, dict):
+        given = given_keys(value, TOKEN_OPTION_KEYS, '"patch_tokens" must be an object', '"patch_tokens"')
+        dtype = given.get("dtype", "float32")
+        if not isinstance(dtype, str) or dtype.lower() not in TOKEN_DTYPES:
+            said = shown(dtype) if isinstance(dtype, str) else json_type(dtype)
+            raise errors.InvalidRequest(f'"patch_tokens.dtype" must be one of {", ".join(TOKEN_DTYPES)}, not {said}')
+        normalize = given.get("normalize", False)
+        if not isinstance(normalize, bool):
+            raise errors.InvalidRequest(f'"patch_tokens.normalize" must be true or false, not {json_type(normalize)}')
+        return TokenOptions(dtype.lower(), normalize)
+    said = shown(value) if isinstance(value, str) else json_type(value)
+    raise errors.InvalidRequest(
+        f'"patch_tokens" must be true, one of {", ".join(TOKEN_DTYPES)}, or {{"dtype": ..., "normalize": ...}}, '
+        f"not {said}"
+    )
 
 
 def _image_list(value: Any, limit: int, unit: str) -> list[str]:
@@ -204,14 +237,29 @@ def failures(results: Sequence[ImageResult]) -> list[tuple[int, errors.EmbedErro
     return [(index, result.error) for index, result in enumerate(results) if result.error is not None]
 
 
-def batch_output(results: Sequence[ImageResult]) -> dict[str, Any]:
+def tokens_json(result: ImageResult) -> dict[str, Any] | None:
+    """An image's patch tokens as JSON (their bytes in base64), or null when it has none."""
+    tokens = result.patch_tokens
+    if tokens is None:
+        return None
+    data = base64.b64encode(tokens.values).decode("ascii")
+    return {"rows": tokens.rows, "cols": tokens.cols, "dim": tokens.dim, "dtype": tokens.dtype, "data": data}
+
+
+def batch_output(results: Sequence[ImageResult], options: EmbedOptions) -> dict[str, Any]:
     """The answer to an `images` job: one entry per image (null when it failed), and its errors."""
-    return {
-        "embeddings": [values(result) for result in results],
-        "errors": [{"index": index, "code": code_of(exc), "message": str(exc)} for index, exc in failures(results)],
-    }
+    output: dict[str, Any] = {"embeddings": [values(result) for result in results]}
+    if options.patch_tokens is not None:
+        output["patch_tokens"] = [tokens_json(result) for result in results]
+    output["errors"] = [
+        {"index": index, "code": code_of(exc), "message": str(exc)} for index, exc in failures(results)
+    ]
+    return output
 
 
-def single_output(result: ImageResult) -> dict[str, Any]:
+def single_output(result: ImageResult, options: EmbedOptions) -> dict[str, Any]:
     """The answer to an `image` job whose image was embedded (a failed one is the transport's to answer)."""
-    return {"embedding": values(result)}
+    output: dict[str, Any] = {"embedding": values(result)}
+    if options.patch_tokens is not None:
+        output["patch_tokens"] = tokens_json(result)
+    return output

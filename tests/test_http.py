@@ -229,7 +229,7 @@ async def test_a_multipart_field_without_a_file_name_is_base64(
     [
         ([("image", GOOD), ("image", GOOD)], {}, 'the form has 2 "image" parts: name several files "images"'),
         ([("image", GOOD), ("images", GOOD)], {}, 'the form needs "image" (one file: -F image=@cat.jpg) or "images"'),
-        ([("photo", GOOD)], {}, "unknown form field 'photo'; accepted: image, images, pooling, normalize, timeout_ms"),
+        ([("photo", GOOD)], {}, "unknown form field 'photo'; accepted: image, images, pooling, normalize, patch"),
         ([("image", GOOD)], {"normalize": "yes"}, "\"normalize\" must be true or false, not 'yes'"),
         ([("image", GOOD)], {"pooling": "max"}, "\"pooling\" must be one of cls, mean, cls_mean, not 'max'"),
         ([("image", GOOD)], {"timeout_ms": "soon"}, '"timeout_ms" must be a positive number of milliseconds'),

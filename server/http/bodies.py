@@ -27,11 +27,21 @@ from aiohttp import BodyPartReader, web
 
 from server import errors
 from server.http.status import HttpError
-from server.json_jobs import OPTION_KEYS, Dialect, Slot, decode_images, json_type, parse_input, parse_options, shown
+from server.json_jobs import (
+    OPTION_KEYS,
+    TOKEN_KEYS,
+    Dialect,
+    Slot,
+    decode_images,
+    json_type,
+    parse_input,
+    parse_options,
+    shown,
+)
 from server.service import EmbedOptions
 
 HTTP = Dialect("body", "request", ("timeout_ms",))
-FORM_FIELDS = ("image", "images", *OPTION_KEYS, "timeout_ms")
+FORM_FIELDS = ("image", "images", *OPTION_KEYS, *TOKEN_KEYS, "timeout_ms")
 _FIELD_BYTES = 1024  # an option field's value (pooling, normalize, timeout_ms) is a word
 _CHUNK_BYTES = 256 * 1024
 _DISPOSITION_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
@@ -238,6 +248,8 @@ def _fields(parts: Iterable[Part]) -> dict[str, Any]:
         if part.name == "normalize":
             if text.lower() not in _FORM_BOOLEANS:
                 raise errors.InvalidRequest(f'"normalize" must be true or false, not {shown(text)}')
+            fields[part.name] = _FORM_BOOLEANS[text.lower()]
+        elif part.name == "patch_tokens" and text.lower() in _FORM_BOOLEANS:  # -F patch_tokens=true, or a dtype
             fields[part.name] = _FORM_BOOLEANS[text.lower()]
         elif part.name == "timeout_ms":
             try:

@@ -54,8 +54,8 @@ class Routes:
         if body.single:
             if results[0].error is not None:
                 raise refusal(results[0].error, "image: ")
-            return await _answer(single_output(results[0]))
-        return await _answer(batch_output(results))
+            return await _answer(single_output(results[0], body.options))
+        return await _answer(batch_output(results, body.options))
 
     async def _embed_body(self, request: web.Request) -> tuple[EmbedBody, float]:
         """The parsed body and when it had arrived; the raw body is not kept while the images are embedded."""
