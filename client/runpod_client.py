@@ -13,6 +13,7 @@ fewer while the endpoint answers RESOURCE_EXHAUSTED (client/window.py).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ from client.connection import BUSY_CODES, ITEM_RETRY_CODES, RetryPolicy
 from client.errors import EmbedClientError, ItemError, ItemResult
 from client.images import Item, encode_many, take
 from client.sender import Budget
+from client.tokens import from_json, host_dtype, stack_tokens, token_options
 from client.window import AdaptiveWindow, ThreadGate
 
 DEFAULT_BASE_URL = "https://api.runpod.ai"
@@ -171,18 +173,33 @@ class RunPodClient:
             images = list(zip(ids, images, strict=True))
         return stack([r for batch in self.embed_batches(images, pooling=pooling, normalize=normalize) for r in batch])
 
+    def patch_tokens(self, images: Iterable[Any], *, ids: Sequence[str] | None = None, dtype: str = "float16",
+                     normalize: bool = False) -> np.ndarray:  # fmt: skip
+        """Every image's patch tokens, [N, rows, cols, dim] in input order (see `EmbedClient.patch_tokens`)."""
+        if ids is not None:
+            images = list(zip(ids, images, strict=True))
+        batches = self.embed_batches(images, patch_tokens=dtype, normalize_tokens=normalize)
+        return stack_tokens([r for batch in batches for r in batch], (0, 0, 0), host_dtype(dtype))
+
     def embed_iter(
-        self, images: Iterable[Any], *, pooling: str = "cls", normalize: bool = False
-    ) -> Iterator[ItemResult]:
-        """`ItemResult`s in input order; failed images carry `error`."""
-        for batch in self.embed_batches(images, pooling=pooling, normalize=normalize):
+        self, images: Iterable[Any], *, pooling: str = "cls", normalize: bool = False,
+        patch_tokens: str | None = None, normalize_tokens: bool = False,
+    ) -> Iterator[ItemResult]:  # fmt: skip
+        """`ItemResult`s in input order; failed images carry `error`; `patch_tokens` (a dtype) adds their tokens."""
+        for batch in self.embed_batches(images, pooling=pooling, normalize=normalize, patch_tokens=patch_tokens,
+                                        normalize_tokens=normalize_tokens):  # fmt: skip
             yield from batch
 
-    def embed_batches(self, images: Iterable[Any], *, pooling: str = "cls", normalize: bool = False
+    def embed_batches(self, images: Iterable[Any], *, pooling: str = "cls", normalize: bool = False,
+                      patch_tokens: str | None = None, normalize_tokens: bool = False,
                       ) -> Iterator[list[ItemResult]]:  # fmt: skip
         """One list of results per job, in input order, with up to `window` jobs running."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        tokens = None
+        if patch_tokens is not None:
+            token_options(patch_tokens, normalize_tokens)  # refuses an unknown dtype before any job
+            tokens = {"dtype": patch_tokens, "normalize": normalize_tokens}
         iterator = iter(images)
         start = 0
         pending: deque[Future[list[ItemResult]]] = deque()
@@ -196,7 +213,7 @@ class RunPodClient:
                             break
                         start += len(items)
                         for job in self._split(items):
-                            send = _Send(gate, job[0].index, pooling, normalize)
+                            send = _Send(gate, job[0].index, pooling, normalize, tokens)
                             pending.append(pool.submit(self._embed_job, job, send))
                     if not pending:
                         return
@@ -240,6 +257,8 @@ class RunPodClient:
             return []
         job = {"images": [base64.b64encode(item.data).decode("ascii") for item in items],
                "pooling": send.pooling, "normalize": send.normalize}  # fmt: skip
+        if send.tokens is not None:
+            job["patch_tokens"] = send.tokens
         try:
             output = self._run_retrying(job, send.gate, send.priority)
         except RunPodError as exc:
@@ -254,7 +273,7 @@ class RunPodClient:
             code, message = (_CODES[name], rest) if colon and name in _CODES else (exc.code, reason)
             return [ItemResult(items[0].index, items[0].id, error=ItemError(code, message))]
         parsed = parse_output(output, len(items))
-        return [ItemResult(item.index, item.id, r.embedding, r.error) for item, r in zip(items, parsed, strict=True)]
+        return [dataclasses.replace(r, index=item.index, id=item.id) for item, r in zip(items, parsed, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -265,6 +284,7 @@ class _Send:
     priority: int
     pooling: str
     normalize: bool
+    tokens: dict[str, Any] | None = None
 
 
 def _retryable(result: ItemResult) -> bool:
@@ -288,10 +308,18 @@ def parse_output(output: Any, count: int) -> list[ItemResult]:
         code = entry.get("code", _INTERNAL)
         number = _CODES.get(code, _UNKNOWN) if isinstance(code, str) else int(code)
         errors[int(entry["index"])] = ItemError(number, str(entry.get("message", "")))
+    tokens = output.get("patch_tokens") or [None] * count
     results = []
-    for index, vector in enumerate(vectors):
+    for index, (vector, entry) in enumerate(zip(vectors, tokens, strict=False)):
         if vector is None or index in errors:
             results.append(ItemResult(index, str(index), error=errors.get(index, ItemError(_INTERNAL, "no embedding"))))
-        else:
-            results.append(ItemResult(index, str(index), embedding=np.asarray(vector, dtype=np.float32)))
+            continue
+        embedding = np.asarray(vector, dtype=np.float32)
+        try:
+            patches = from_json(entry) if entry is not None else None
+        except (ValueError, KeyError, TypeError) as exc:
+            error = ItemError(_INTERNAL, f"RunPod sent unreadable patch tokens: {exc}")
+            results.append(ItemResult(index, str(index), error=error))
+            continue
+        results.append(ItemResult(index, str(index), embedding=embedding, patch_tokens=patches))
     return results

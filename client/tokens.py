@@ -8,6 +8,9 @@ float32 (exactly: a bfloat16 is the top half of a float32).
 
 from __future__ import annotations
 
+import base64
+from typing import Any
+
 import numpy as np
 
 from client.errors import EmbedItemsError, ItemResult
@@ -52,6 +55,16 @@ def from_wire(tokens: embed_pb2.PatchTokens) -> np.ndarray:
     else:
         values = np.frombuffer(tokens.data, dtype="<f4" if name == "float32" else "<f2")
     return values.reshape(tokens.rows, tokens.cols, tokens.dim)
+
+
+def from_json(entry: dict[str, Any]) -> np.ndarray:
+    """One image's tokens from the JSON job shape (`{"rows", "cols", "dim", "dtype", "data": base64}`)."""
+    dtype = TOKEN_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"unknown patch token dtype {entry['dtype']!r}")
+    message = embed_pb2.PatchTokens(rows=int(entry["rows"]), cols=int(entry["cols"]), dim=int(entry["dim"]),
+                                    dtype=dtype, data=base64.b64decode(entry["data"], validate=True))  # fmt: skip
+    return from_wire(message)
 
 
 def stack_tokens(results: list[ItemResult], empty_shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:

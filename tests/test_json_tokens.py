@@ -115,3 +115,22 @@ async def test_http_refuses_tokens_no_response_could_carry(
     body = {"images": [b64(images.png(seed=k)) for k in range(20)], "patch_tokens": True}
     status, answer = await post(client, url(small, "/v1/embed"), json=body)
     assert status == 400 and "send at most 18 images per request" in error_of(answer)[1]
+
+
+def test_the_runpod_client_reads_the_same_tokens_as_the_grpc_client(model_dir: Path, server: RunningServer) -> None:
+    from client import EmbedClient, EmbedItemsError
+    from client.runpod_client import RunPodClient
+    from tests.runpod_api import LocalRunPodApi
+
+    datas = [images.png(seed=s) for s in range(3)]
+    api = LocalRunPodApi(model_dir)
+    try:
+        with RunPodClient(base_url=api.url) as runpod, EmbedClient(server.address) as grpc_client:
+            over_runpod = runpod.patch_tokens(datas, dtype="bfloat16")
+            assert np.array_equal(over_runpod, grpc_client.patch_tokens(datas, dtype="bfloat16"))
+            with pytest.raises(EmbedItemsError) as failed:
+                runpod.patch_tokens([datas[0], b"junk"], ids=["a", "junk"], dtype="float16")
+    finally:
+        api.stop()
+    assert over_runpod.shape == (3, 16, 16, 32) and over_runpod.dtype == np.float32
+    assert [f.id for f in failed.value.failures] == ["junk"] and failed.value.embeddings.dtype == np.float16
