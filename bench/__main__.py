@@ -114,7 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-tree", help="--host-path: run `python -m server` (and its decode) from this checkout")
     p.add_argument("--decode-seconds", type=float, default=5.0, help="--host-path: decode seconds per round")
     p.add_argument("--null-threads", type=int, default=1,
-                   help="--host-path: the server's OMP_NUM_THREADS (0 = PyTorch's default)")  # fmt: skip
+                   help="--host-path, --http --size null: the server's OMP_NUM_THREADS (0 = PyTorch's "
+                   "default)")  # fmt: skip
     p.add_argument("--server-seconds", type=float, default=10.0, help="--host-path: server seconds per round")
     p.add_argument("--http", action="store_true",
                    help="only HTTP POST /v1/embed (JSON, multipart) against gRPC Embed, on one server")  # fmt: skip

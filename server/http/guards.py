@@ -42,8 +42,8 @@ def _route(request: web.Request) -> str:
     return "unknown" if resource is None or request.match_info.http_exception else resource.canonical
 
 
-def _routing_error(request: web.Request, exc: web.HTTPException) -> HttpError:
-    """404 and 405 as JSON, naming the routes there are."""
+def _aiohttp_error(request: web.Request, exc: web.HTTPException) -> HttpError:
+    """aiohttp's own refusals as JSON: 404 naming the routes there are, 405 the methods a route takes."""
     routes = sorted({f"{r.method} {r.resource.canonical}" for r in request.app.router.routes()
                      if r.resource is not None and r.method != "HEAD"})  # fmt: skip
     said = f"{request.method} {shown(request.path)}"
@@ -100,7 +100,7 @@ class Observer:
         except errors.EmbedError as exc:
             refused = refusal(exc)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, a body over client_max_size
-            refused = _routing_error(request, exc)
+            refused = _aiohttp_error(request, exc)
         except Exception:
             log.exception("%s %s failed", request.method, request.path[:100])
             return error_response(HttpError(500, "INTERNAL", INTERNAL_MESSAGE))
