@@ -12,7 +12,6 @@ fewer while the endpoint answers RESOURCE_EXHAUSTED (client/window.py).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import pybase64
 import requests
 
 from client.async_client import POOLINGS, stack
@@ -255,7 +255,7 @@ class RunPodClient:
     def _embed_sendable(self, items: list[Item], send: _Send) -> list[ItemResult]:
         if not items:
             return []
-        job = {"images": [base64.b64encode(item.data).decode("ascii") for item in items],
+        job = {"images": [pybase64.b64encode_as_string(item.data) for item in items],
                "pooling": send.pooling, "normalize": send.normalize}  # fmt: skip
         if send.tokens is not None:
             job["patch_tokens"] = send.tokens

@@ -8,10 +8,10 @@ float32 (exactly: a bfloat16 is the top half of a float32).
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import numpy as np
+import pybase64
 
 from client.errors import EmbedItemsError, ItemResult
 from protos.dinov2.v1 import embed_pb2
@@ -63,7 +63,7 @@ def from_json(entry: dict[str, Any]) -> np.ndarray:
     if dtype is None:
         raise ValueError(f"unknown patch token dtype {entry['dtype']!r}")
     message = embed_pb2.PatchTokens(rows=int(entry["rows"]), cols=int(entry["cols"]), dim=int(entry["dim"]),
-                                    dtype=dtype, data=base64.b64decode(entry["data"], validate=True))  # fmt: skip
+                                    dtype=dtype, data=pybase64.b64decode(entry["data"], validate=True))  # fmt: skip
     return from_wire(message)
 
 

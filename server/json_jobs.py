@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pybase64
+
 from server import errors
 from server.model import Pooling
 from server.service import EmbedOptions, ImageResult
@@ -183,7 +185,8 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     """Base64, or a data URL carrying it, to bytes; `InvalidImage` when it is neither or too long.
 
     The length is checked before decoding, so an oversize string costs nothing;
-    the engine checks `max_bytes` again on the decoded bytes.
+    the engine checks `max_bytes` again on the decoded bytes. Decoded by pybase64
+    (SIMD): CPython's own decoder takes 0.7 ms for a 100 KB photo.
     """
     if text.startswith("data:"):
         header, comma, text = text.partition(",")
@@ -196,6 +199,10 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
             f"the image limit of {max_bytes} bytes"
         )
     try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:  # the standard library's decoder is 60x slower and says better what is wrong
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise errors.InvalidImage(
@@ -242,7 +249,7 @@ def tokens_json(result: ImageResult) -> dict[str, Any] | None:
     tokens = result.patch_tokens
     if tokens is None:
         return None
-    data = base64.b64encode(tokens.values).decode("ascii")
+    data = pybase64.b64encode_as_string(tokens.values)
     return {"rows": tokens.rows, "cols": tokens.cols, "dim": tokens.dim, "dtype": tokens.dtype, "data": data}
 
 
