@@ -154,10 +154,7 @@ class AsyncEmbedClient:
         the other rows), `EmbedRequestError` if a request failed after retries.
         No images give a [0, D] array, D from the server's `Info`.
         """
-        if ids is not None:
-            if isinstance(images, AsyncIterable):
-                raise TypeError("ids go with a list of images; an async iterable yields (id, image) pairs instead")
-            images = list(zip(ids, images, strict=True))
+        images = _paired(images, ids)
         results: list[ItemResult] = []
         async for batch in self.embed_batches(
             images, pooling=pooling, normalize=normalize, batch_size=batch_size, window=window, timeout=timeout
@@ -187,10 +184,7 @@ class AsyncEmbedClient:
         L2-normalize each token. Requests are cut small enough for their
         answers to fit one message. Raises as `embed` does.
         """
-        if ids is not None:
-            if isinstance(images, AsyncIterable):
-                raise TypeError("ids go with a list of images; an async iterable yields (id, image) pairs instead")
-            images = list(zip(ids, images, strict=True))
+        images = _paired(images, ids)
         results: list[ItemResult] = []
         async for batch in self.embed_batches(
             images, batch_size=batch_size, window=window, timeout=timeout, patch_tokens=dtype,
@@ -326,6 +320,18 @@ class AsyncEmbedClient:
             size += len(item.data)
         if current:
             yield current
+
+
+Images = Iterable[Any] | AsyncIterable[Any]
+
+
+def _paired(images: Images, ids: Sequence[str] | None) -> Images:
+    """The images as `(id, image)` pairs when `ids` are given apart from them."""
+    if ids is None:
+        return images
+    if isinstance(images, AsyncIterable):
+        raise TypeError("ids go with a list of images; an async iterable yields (id, image) pairs instead")
+    return list(zip(ids, images, strict=True))
 
 
 def _take_and_encode(iterator: Iterator[Any], count: int, start: int) -> list[Item]:
