@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 from server import errors
 from server.model import Pooling
-from server.service import EmbedOptions, EmbedService, ImageResult, Lane, ServiceInfo
+from server.service import EmbedOptions, EmbedService, ImageResult, Lane
 from server.tokens import TokenOptions
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,12 @@ class _ImageBytes(Sequence[bytes]):
         return self._images[index].data
 
 
-def _check_response_size(request: embed_pb2.EmbedRequest, info: ServiceInfo, limit: int) -> None:
-    """Refuses a request whose answer could pass the message limit (ids are echoed back)."""
-    values = 4 * info.embedding_dim * (2 if request.pooling == embed_pb2.POOLING_CLS_MEAN else 1)
-    if request.patch_tokens.enabled:
-        itemsize = 4 if request.patch_tokens.dtype <= embed_pb2.TOKEN_DTYPE_FLOAT32 else 2
-        values += _PER_ITEM_BYTES + itemsize * info.embedding_dim * (info.image_size // info.patch_size) ** 2
+def _check_response_size(request: embed_pb2.EmbedRequest, embedding_dim: int, token_bytes: int, limit: int) -> None:
+    """Refuses a request whose answer could pass the message limit (ids are echoed back; `token_bytes`:
+    one image's patch tokens, 0 when not asked)."""
+    values = 4 * embedding_dim * (2 if request.pooling == embed_pb2.POOLING_CLS_MEAN else 1)
+    if token_bytes:
+        values += _PER_ITEM_BYTES + token_bytes
     per_item = _PER_ITEM_BYTES + max(values, _ERROR_BYTES)
     size = 128 + sum(per_item + len(image.id.encode()) for image in request.images)
     if size > limit:
@@ -216,9 +216,12 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
             if isinstance(received, MalformedRequest):
                 raise errors.InvalidRequest(received.message)
             request = received.request
-            _check_response_size(request, self._service.info, self._service.settings.max_request_bytes)
-            results = await self._service.embed(
-                _ImageBytes(request.images), _options(request), _request_deadline(request, deadline, started),
+            options = _options(request)
+            service = self._service
+            token_bytes = service.patch_token_bytes(options)
+            _check_response_size(request, service.info.embedding_dim, token_bytes, service.settings.max_request_bytes)
+            results = await service.embed(
+                _ImageBytes(request.images), options, _request_deadline(request, deadline, started),
                 nbytes=received.nbytes, lane=lane,
             )  # fmt: skip
         except errors.EmbedError as exc:

@@ -347,12 +347,16 @@ class EmbedService:
             self.metrics.images.labels(outcome).inc(count)
         return results
 
+    def patch_token_bytes(self, options: EmbedOptions) -> int:
+        """Bytes of one image's patch tokens in the answer to `options` (0 when not asked)."""
+        return 0 if options.patch_tokens is None else self.runner.patch_token_bytes(options.patch_tokens)
+
     def _check_patch_tokens(self, count: int, options: EmbedOptions) -> int:
         """Bytes of one image's patch tokens (0 when not asked); refuses a request whose tokens alone
         would pass the message limit, which bounds a response as it bounds a request."""
-        if options.patch_tokens is None:
+        each = self.patch_token_bytes(options)
+        if not each:
             return 0
-        each = self.runner.patch_token_bytes(options.patch_tokens)
         limit = self.settings.max_request_bytes
         if count * each > limit:
             dtype = options.patch_tokens.dtype
