@@ -151,3 +151,5 @@ def test_patch_tokens_smoke_compares_with_pooled_in_one_run(tmp_path: Path) -> N
     assert tokens["server_cpu_ms_per_image"] > 0
     side, dim = 224 // 14, 32  # the tiny model
     assert result["response_bytes_64_images"] > 64 * side * side * dim * 2
+    memory = result["memory_mb"]
+    assert 0 < memory["after_warmup"] <= memory["peak"] and 0 < memory["settled"] <= memory["peak"]
