@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from server.decode.setup import Setup
 from server.decode.worker import ProcessDecoder
 from server.errors import DeadlineExceeded, EmbedError, Internal, InvalidRequest, Overloaded, Unavailable
 from server.geometry import Geometry
+from server.info import ServiceInfo
 from server.metrics import Metrics
 from server.model import ModelRunner, Pooling, pool
 from server.preprocess import ImageLimits, decode
@@ -63,36 +63,6 @@ class ImageResult:
     queue_s: float = 0.0
     inference_s: float = 0.0
     patch_tokens: PatchTokens | None = None
-
-
-@dataclass(frozen=True)
-class ServiceInfo:
-    """What `Info` answers. image_size: the served N (the model's input is N x N); preprocess: how
-    an image becomes it, card or checkpoint (server/geometry.py)."""
-
-    model_id: str
-    revision: str
-    embedding_dim: int
-    image_size: int
-    preprocess: str
-    dtype: str
-    device: str
-    max_batch_size: int
-    max_images_per_request: int
-    max_image_bytes: int
-    max_image_pixels: int
-    max_request_bytes: int
-    max_queue_images: int
-    max_queue_s: float
-    server_version: str
-    patch_size: int
-
-
-def _package_version() -> str:
-    try:
-        return version("dinov2-embed")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _decode_pool(settings: Settings, geometry: Geometry, resize_on: str) -> DecodePool:
@@ -215,24 +185,7 @@ class EmbedService:
         self._healthy = True
         self._draining = False
         self._health_listeners: list[Callable[[bool], None]] = []
-        self.info = ServiceInfo(
-            model_id=settings.model,
-            revision=settings.revision or "",
-            embedding_dim=runner.embedding_dim,
-            image_size=runner.image_size,
-            preprocess=settings.preprocess,
-            dtype=runner.dtype_name,
-            device=str(runner.device),
-            max_batch_size=runner.batch_limit(settings.max_batch_size),
-            max_images_per_request=settings.max_images_per_request,
-            max_image_bytes=settings.max_image_bytes,
-            max_image_pixels=settings.max_image_pixels,
-            max_request_bytes=settings.max_request_bytes,
-            max_queue_images=settings.max_queue_images,
-            max_queue_s=settings.max_queue_s,
-            server_version=_package_version(),
-            patch_size=runner.patch_size,
-        )
+        self.info = ServiceInfo.of(settings, runner)
         self.metrics.model_info.info({k: str(v) for k, v in vars(self.info).items()})
 
     @property
