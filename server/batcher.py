@@ -16,7 +16,9 @@ and probing are the `Supervisor`'s (server/supervision.py).
 Callers hand images over in chunks (`put`), each with a `Sink` that takes
 their outputs back: one object per request instead of a future per image.
 Every forward pass's time is recorded in `forward_times`, the engine's clock
-for admission (server/throughput.py).
+for admission (server/throughput.py). It is timed on the compute thread: the
+event loop can be held up (a large request's body is copied and parsed on
+it), and admission must not read its delays as a slow model.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ class Sink(Protocol):
         ...
 
     def settle(self, index: int, result: ItemOutput | EmbedError) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """A forward pass as the compute thread ran it: the batch's rows it computed, when it began
+    (`time.monotonic()`) and how long it took."""
+
+    rows: list[int]
+    output: BatchOutput | None
+    started: float = 0.0
+    seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -210,8 +223,7 @@ class Batcher:
                 self._waiting_batch = batch
                 await asyncio.wait([before])
                 self._waiting_batch = None
-            started = time.monotonic()
-            rows, output = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), self._forward_timeout_s)
+            done = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), self._forward_timeout_s)
         except asyncio.CancelledError:
             _settle_all(batch, Unavailable("server is shutting down"))
             raise
@@ -225,6 +237,7 @@ class Batcher:
             _settle_all(batch, InferenceFailed("inference failed on this image's batch; retry"))
             self.supervisor.failed()
             return
+        rows, output, elapsed = done.rows, done.output, done.seconds
         if len(rows) < len(batch):  # count and answer those whose caller left while the batch waited
             kept, now = set(rows), time.monotonic()
             for row, entry in enumerate(batch):
@@ -232,20 +245,19 @@ class Batcher:
                     self._is_live(entry, now)
         if output is None:
             return
-        elapsed = time.monotonic() - started
         self.forward_times.observe(len(rows), elapsed)
         self._metrics.batch_size.observe(len(rows))
         self._metrics.inference_seconds.observe(elapsed)
         self.supervisor.passed()
         for out_row, row in enumerate(rows):
             entry = batch[row]
-            queued = started - entry.enqueued_at
+            queued = done.started - entry.enqueued_at
             self._metrics.queue_seconds.observe(queued)
             patches = output.patches[out_row] if output.patches is not None else None
             item = ItemOutput(output.cls[out_row], output.mean[out_row], queued, elapsed, len(rows), patches)
             entry.sink.settle(entry.index, item)
 
-    def _forward_wanted(self, batch: list[_Entry]) -> tuple[list[int], BatchOutput | None]:
+    def _forward_wanted(self, batch: list[_Entry]) -> _Pass:
         """On the compute thread, as the batch starts: the forward pass of the images still wanted.
 
         A batch can wait behind the running one; images whose caller left or
@@ -254,13 +266,15 @@ class Batcher:
         now = time.monotonic()
         rows = [row for row, e in enumerate(batch) if e.sink.wanted() and (e.deadline is None or now < e.deadline)]
         if not rows:
-            return rows, None
+            return _Pass(rows, None)
         pixels = [batch[row].pixels for row in rows]
         tokens: Tokens = [batch[row].tokens for row in rows]
+        started = time.monotonic()
         output = self._forward(pixels, tokens) if any(tokens) else self._forward(pixels)  # type: ignore[arg-type]
+        seconds = time.monotonic() - started
         if len(output.cls) != len(rows) or len(output.mean) != len(rows):
             raise RuntimeError(f"model returned {len(output.cls)} outputs for {len(rows)} images")
-        return rows, output
+        return _Pass(rows, output, started, seconds)
 
     def _fail_overdue(self, batch: list[_Entry]) -> None:
         """A forward pass overran its timeout: its images, those queued and the batch waiting

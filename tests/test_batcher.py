@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server import batcher as batcher_module
 from server.batcher import Batcher
 from server.errors import DeadlineExceeded, InferenceFailed, Unavailable
 from server.metrics import Metrics
 from server.model import BatchOutput
+from server.runtime import ComputeThread
 
 
 class FakeModel:
@@ -299,3 +301,31 @@ async def test_every_forward_pass_is_timed_by_its_batch_size() -> None:
     assert batcher.forward_times.batch_seconds(1) is not None
     assert batcher.forward_times._seconds.keys() == {1, 5}
     await batcher.close()
+
+
+class _HeldUpClock:
+    """`time` for the batcher: real monotonic time plus seconds the test says the loop was held up."""
+
+    def __init__(self) -> None:
+        self.held_up_s = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.held_up_s
+
+
+async def test_a_forward_pass_is_timed_where_it_runs_not_by_an_event_loop_held_up_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _HeldUpClock()
+    monkeypatch.setattr(batcher_module, "time", clock)
+    compute = ComputeThread("test-forward")
+    model = FakeModel()
+    batcher = await started(model, max_wait_ms=0.0, compute=compute)
+    busy = await held(model, batcher)
+    model.gate.set()  # type: ignore[union-attr]
+    compute.submit(lambda: None).result(timeout=60)  # on the loop: the pass is over, its answer not read yet
+    clock.held_up_s = 100.0  # the loop was busy this long (a large request parsed) before it read the answer
+    assert (await busy).cls[0] == 0
+    assert batcher.forward_times.batch_seconds(1) < 100.0  # old: timed on the loop, so 100 s and more
+    await batcher.close()
+    compute.close()
