@@ -33,6 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
+from server.deadlines import left_at_deadline
 from server.errors import DeadlineExceeded, EmbedError, InferenceFailed, Unavailable
 from server.metrics import Metrics
 from server.model import BatchOutput, Tokens
@@ -343,11 +344,10 @@ class Batcher:
 
     def _is_live(self, entry: _Entry, now: float) -> bool:
         """False for an entry whose caller left or whose deadline passed (it is counted, and answered if wanted)."""
-        expired = entry.deadline is not None and now >= entry.deadline
         if not entry.sink.wanted():
-            self._metrics.dropped.labels("deadline" if expired else "cancelled").inc()
+            self._metrics.dropped.labels("deadline" if left_at_deadline(entry.deadline, now) else "cancelled").inc()
             return False
-        if expired:
+        if entry.deadline is not None and now >= entry.deadline:
             self._metrics.dropped.labels("deadline").inc()
             entry.sink.settle(entry.index, DeadlineExceeded("deadline passed while the image was queued"))
             return False

@@ -158,8 +158,11 @@ def _check_response_size(request: embed_pb2.EmbedRequest, embedding_dim: int, to
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a `time.monotonic()` instant, never after gRPC's own: the clock is read
+    before the time left, so the copy errs early, not late (server/deadlines.py says why that matters)."""
+    now = time.monotonic()
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    return None if remaining is None else now + remaining
 
 
 def _request_deadline(request: embed_pb2.EmbedRequest, call_deadline: float | None, arrived: float) -> float | None:

@@ -25,6 +25,7 @@ import numpy as np
 from server.admission import Admission, Cost
 from server.batcher import Batcher, ItemOutput
 from server.config import Settings
+from server.deadlines import left_at_deadline
 from server.decode.budget import PixelBudget
 from server.decode.decoder import Decoded
 from server.decode.pool import DecodeJob, DecodePool, Lane
@@ -287,8 +288,7 @@ class EmbedService:
                 self._drop(request, job, "deadline")
                 request.expire()
         except asyncio.CancelledError:
-            expired = deadline is not None and time.monotonic() >= deadline
-            self._drop(request, job, "deadline" if expired else "cancelled")
+            self._drop(request, job, "deadline" if left_at_deadline(deadline, time.monotonic()) else "cancelled")
             request.done.cancel()
             raise
         finally:

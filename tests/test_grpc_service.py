@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.dinov2.v1 import embed_pb2 as pb
+from server import grpc_service
 from server.model import Pooling
 from tests import images
 from tests.conftest import Reference, RunningServer, assert_close, wait_for
@@ -247,3 +248,31 @@ def test_a_client_cancelling_a_stream_is_not_an_error(server: RunningServer, cap
     server.call(asyncio.sleep, 0)  # and finished the loop step that ended it (anything logged, it logged)
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert not noisy, [r.getMessage() for r in noisy]
+
+
+class _TickingClock:
+    """`time` for the transport: a clock that moves one second each time it is read, so the order of reads shows."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+class _CallEndingAt:
+    """A call context whose deadline, on the same clock, is `at`."""
+
+    def __init__(self, clock: _TickingClock, at: float) -> None:
+        self.clock, self.at = clock, at
+
+    def time_remaining(self) -> float:
+        return self.at - self.clock.monotonic()
+
+
+def test_the_services_deadline_for_a_call_is_never_later_than_grpcs(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _TickingClock()
+    monkeypatch.setattr(grpc_service, "time", clock)
+    # later than gRPC's, the service would see gRPC's cancellation at the deadline as its caller leaving
+    assert grpc_service._deadline(_CallEndingAt(clock, at=100.0)) <= 100.0  # type: ignore[arg-type]
