@@ -9,11 +9,12 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 import pytest
@@ -225,3 +226,16 @@ def make_server(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..
 def make_server_module(settings: Settings, runner: ModelRunner) -> Iterator[Callable[..., RunningServer]]:
     """make_server for servers shared by the tests of one module."""
     yield from _server_factory(settings, runner)
+
+
+@pytest.fixture(scope="module")
+def http(make_server_module: Callable[..., RunningServer]) -> RunningServer:
+    """One server with HTTP on a free port, shared by the tests of a module that change nothing on it."""
+    return make_server_module(http_port=0)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session for one test."""
+    async with aiohttp.ClientSession() as session:
+        yield session

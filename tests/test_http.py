@@ -40,18 +40,6 @@ def url(running: RunningServer, path: str, scheme: str = "http") -> str:
     return f"{scheme}://127.0.0.1:{running.server.http_port}{path}"
 
 
-@pytest.fixture(scope="module")
-def http(make_server_module: Callable[..., RunningServer]) -> RunningServer:
-    """One server with HTTP on a free port, shared by the tests that change nothing on it."""
-    return make_server_module(http_port=0)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def post(client: aiohttp.ClientSession, address: str, **kwargs: Any) -> tuple[int, Any]:
     async with client.post(address, **kwargs) as response:
         assert response.content_type == "application/json"

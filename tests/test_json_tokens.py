@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +41,6 @@ def worker(settings: Settings, runner: ModelRunner) -> Iterator[Worker]:
     started = Worker(settings, runner)
     yield started
     started.close()
-
-
-@pytest.fixture(scope="module")
-def http(make_server_module: Callable[..., RunningServer]) -> RunningServer:
-    return make_server_module(http_port=0)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_a_runpod_job_returns_the_references_tokens(worker: Worker, model_dir: Path) -> None:
