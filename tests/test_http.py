@@ -434,7 +434,11 @@ async def test_a_request_past_its_timeout_ms_is_504(
     finally:
         controlled.allow(float("inf"))
     assert status == 504
-    assert error_of(body) == ("DEADLINE_EXCEEDED", "image: deadline passed before this image was embedded")
+    # which of the two the image gets depends on whether its batch reached the model before the deadline
+    assert error_of(body) in {
+        ("DEADLINE_EXCEEDED", "image: deadline passed before this image was embedded"),
+        ("DEADLINE_EXCEEDED", "image: deadline passed while the image was queued"),
+    }
 
 
 @pytest.mark.parametrize(

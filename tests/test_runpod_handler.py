@@ -303,7 +303,11 @@ async def test_a_job_not_done_by_its_timeout_fails_deadline_exceeded(make_worker
         output = await run(slow, {"image": b64(GOOD)})
     finally:
         controlled.allow(float("inf"))
-    assert output == {"error": "DEADLINE_EXCEEDED: image: deadline passed before this image was embedded"}
+    # which of the two the image gets depends on whether its batch reached the model before the deadline
+    assert output in (
+        {"error": "DEADLINE_EXCEEDED: image: deadline passed before this image was embedded"},
+        {"error": "DEADLINE_EXCEEDED: image: deadline passed while the image was queued"},
+    )
 
 
 # ------------------------------------------------------------ --test_input
