@@ -25,6 +25,8 @@ from server.http.app import HttpServer
 from server.interceptors import ApiKeyInterceptor, RequestIdInterceptor
 from server.metrics import Metrics
 from server.model import ModelRunner
+from server.proxies import Proxies
+from server.receive_slots import ReceiveSlots
 from server.runtime import freeze_startup_objects
 from server.service import EmbedService
 
@@ -55,6 +57,7 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.server.max_pending_requests", pending),
         ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
         ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
+        ("grpc.server_handshake_timeout_ms", round(1000 * settings.header_timeout_s)),
     ]
 
 
@@ -87,11 +90,14 @@ class EmbedServer:
         if settings.api_key:
             interceptors.append(ApiKeyInterceptor(settings.api_key))
         self.calls = CallLimits(settings.max_calls_per_caller, settings.max_concurrent_rpcs)
-        interceptors.append(CallLimitInterceptor(self.calls, self.metrics.refused.labels("calls").inc))
+        proxies = Proxies(settings.trusted_proxies)
+        interceptors.append(CallLimitInterceptor(self.calls, self.metrics.refused.labels("calls").inc, proxies))
         self._server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
-        receiving = asyncio.Semaphore(settings.max_receiving_requests)
-        self._servicer = EmbedServicer(self.service, receiving)
-        self._http = None if settings.http_port is None else HttpServer(settings, self.service, self.calls, receiving)
+        slots = ReceiveSlots(settings.max_receiving_requests, settings.max_receiving_per_caller)
+        self._servicer = EmbedServicer(self.service, slots)
+        self._http = (
+            None if settings.http_port is None else HttpServer(settings, self.service, self.calls, slots, proxies)
+        )
         add_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

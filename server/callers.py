@@ -3,15 +3,17 @@
 gRPC's own `maximum_concurrent_rpcs` is one count for the whole server, idle
 streams and health checks included: a client that opened thousands of
 streams and sent nothing made every other caller's calls, and the kubelet's
-health checks, fail. Here each caller (a peer address) has a bound of its
-own under the server-wide one, and health checks are not counted at all
-(`CallLimitInterceptor`).
+health checks, fail. Here each caller (its address, or the one a trusted
+proxy names: server/proxies.py) has a bound of its own under the server-wide
+one, and health checks are not counted at all (`CallLimitInterceptor`). The
+caller of the call in progress is in `CALLER`, for the bounds further in
+(the receive slots' share per caller).
 """
 
 from __future__ import annotations
 
 import collections
-import ipaddress
+import contextvars
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +21,11 @@ from typing import Any
 import grpc
 
 from server.interceptors import HEALTH_METHODS, HandlerFn, rewrap, write_out
+from server.proxies import Proxies, normalized_address
+
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="unknown")
+"""The caller of the call in progress, as the call bounds counted it."""
+FORWARDED_KEY = "x-forwarded-for"
 
 
 def caller_of(peer: str) -> str:
@@ -34,17 +41,6 @@ def caller_of(peer: str) -> str:
     if kind == "ipv6":
         return normalized_address(rest[1 : rest.find("]")] if rest.startswith("[") else rest.rpartition(":")[0])
     return peer
-
-
-def normalized_address(host: str) -> str:
-    """A caller's IP address as one string per caller: an IPv4 address mapped into IPv6 is the IPv4 one."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 class CallLimits:
@@ -82,9 +78,12 @@ class CallLimits:
 class CallLimitInterceptor(grpc.aio.ServerInterceptor):
     """Refuses a call RESOURCE_EXHAUSTED when its caller, or the server, has too many open; health is exempt."""
 
-    def __init__(self, limits: CallLimits, on_refused: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, limits: CallLimits, on_refused: Callable[[], None] = lambda: None, proxies: Proxies | None = None
+    ) -> None:
         self._limits = limits
         self._on_refused = on_refused
+        self._proxies = proxies or Proxies()
 
     async def intercept_service(
         self,
@@ -95,9 +94,11 @@ class CallLimitInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(HEALTH_METHODS):
             return handler
         limits = self._limits
+        forwarded = [str(value) for key, value in details.invocation_metadata or () if key == FORWARDED_KEY]
 
         async def enter(context: grpc.aio.ServicerContext) -> str:
-            caller = caller_of(context.peer())
+            caller = self._proxies.caller(caller_of(context.peer()), forwarded)
+            CALLER.set(caller)
             refusal = limits.enter(caller)
             if refusal is not None:
                 self._on_refused()

@@ -17,6 +17,7 @@ from typing import Any
 
 from server import batch_size
 from server.geometry import PREPROCESS
+from server.proxies import proxy_networks
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_AUTO_DECODE_WORKERS = 4
@@ -100,7 +101,30 @@ class Settings:
     max_receiving_requests: int = _opt(
         4, "Request bodies read at once (gRPC Embed and HTTP together); other callers' bodies wait, unread."
     )
+    max_receiving_per_caller: int = _opt(
+        2, "Of the max_receiving_requests bodies read at once, how many one caller may have; its others wait."
+    )
     receive_timeout_s: float = _opt(30.0, "Longest a request body may take to arrive once its read began.")
+    min_receive_rate: int = _opt(
+        65536,
+        "Slowest an HTTP body may arrive, in bytes per second since its read began, once receive_grace_s has passed; "
+        "a slower one is cut (408) and its receive slot freed.",
+    )
+    receive_grace_s: float = _opt(5.0, "How long an HTTP body may arrive at any pace before min_receive_rate applies.")
+    header_timeout_s: float = _opt(
+        10.0,
+        "Longest a connection may take over a request's headers once it has begun them (and over a TLS handshake); "
+        "then it is closed (HTTP 408). Also gRPC's handshake timeout.",
+    )
+    keepalive_timeout_s: float = _opt(75.0, "Longest an HTTP connection may stay idle between requests.")
+    max_connections_per_address: int = _opt(
+        256, "HTTP connections one address may hold open at once (trusted proxies not counted); beyond it 429."
+    )
+    trusted_proxies: str = _opt(
+        "",
+        "Comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For (HTTP header, gRPC metadata) "
+        "names the caller; for anyone else the caller is the peer address.",
+    )
     preprocess_workers: int = _opt(
         0, "Decode and resize workers (0 = one per CPU this process may use; in threads, at most 4)."
     )
@@ -155,7 +179,8 @@ class Settings:
         object.__setattr__(self, "max_batch_size", batch_size.parse(self.max_batch_size))
         positive = ("max_queue_images", "max_images_per_request", "max_image_bytes",
                     "max_image_pixels", "max_request_bytes", "max_inflight_bytes", "max_decode_pixels",
-                    "max_concurrent_rpcs", "max_calls_per_caller", "max_receiving_requests", "stream_window",
+                    "max_concurrent_rpcs", "max_calls_per_caller", "max_receiving_requests", "max_receiving_per_caller",
+                    "min_receive_rate", "max_connections_per_address", "stream_window",
                     "runpod_concurrency")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
@@ -167,12 +192,15 @@ class Settings:
                 "max_wait_ms, backlog_wait_ms and grace_s must not be negative, probe_interval_s must be positive"
             )
         timeouts = (self.forward_timeout_s, self.receive_timeout_s, self.max_queue_s, self.runpod_job_timeout_s,
-                    self.decode_timeout_s)  # fmt: skip
+                    self.decode_timeout_s, self.header_timeout_s, self.keepalive_timeout_s)  # fmt: skip
         if min(timeouts) <= 0:
             raise ValueError(
-                "forward_timeout_s, receive_timeout_s, max_queue_s, runpod_job_timeout_s and decode_timeout_s "
-                "must be positive"
+                "forward_timeout_s, receive_timeout_s, max_queue_s, runpod_job_timeout_s, decode_timeout_s, "
+                "header_timeout_s and keepalive_timeout_s must be positive"
             )
+        if self.receive_grace_s < 0:
+            raise ValueError(f"receive_grace_s must not be negative, not {self.receive_grace_s}")
+        proxy_networks(self.trusted_proxies)  # a ValueError naming the entry that is not an address or network
         if self.idle_trim_s < 0:
             raise ValueError(f"idle_trim_s must not be negative, not {self.idle_trim_s}")
         if not 0 <= self.port <= 65535:

@@ -23,7 +23,9 @@ from google.protobuf.message import DecodeError
 
 from protos.dinov2.v1 import embed_pb2, embed_pb2_grpc
 from server import errors
+from server.callers import CALLER
 from server.model import Pooling
+from server.receive_slots import ReceiveSlots
 from server.service import EmbedOptions, EmbedService, ImageResult, Lane
 from server.tokens import TokenOptions
 
@@ -43,6 +45,7 @@ STATUS_OF: dict[type[errors.EmbedError], grpc.StatusCode] = {
 SERVICE_NAME = embed_pb2.DESCRIPTOR.services_by_name["Embed"].full_name
 DRAINING = "server is draining: send the rest to another server"
 _ERROR_BYTES = 512  # room for one image's error in a response
+_PARSE_ON_LOOP_BYTES = 1 << 20  # a larger request is parsed in a thread: 126 MB held the GIL for 10-60 ms
 _PER_ITEM_BYTES = 24  # tags and lengths of one Embedding
 
 _POOLING = {
@@ -110,17 +113,24 @@ def _lenient(parse: Callable[[bytes], Any], sized: bool = False) -> Callable[[by
     return deserialize
 
 
+_parse_embed_request = _lenient(embed_pb2.EmbedRequest.FromString, sized=True)
+
+
+async def parsed(raw: bytes) -> _Sized | MalformedRequest:
+    """An `EmbedRequest` from its bytes: a large one parsed off the event loop, which every caller shares."""
+    if len(raw) < _PARSE_ON_LOOP_BYTES:
+        return _parse_embed_request(raw)
+    return await asyncio.to_thread(_parse_embed_request, raw)
+
+
 def add_to_server(servicer: EmbedServicer, server: grpc.aio.Server) -> None:
-    """Registers `dinov2.v1.Embed` (as the generated code would, with lenient request parsing)."""
-    request, response, info = embed_pb2.EmbedRequest, embed_pb2.EmbedResponse, embed_pb2.InfoResponse
+    """Registers `dinov2.v1.Embed` (as the generated code would, with lenient request parsing; `EmbedRequest`s
+    arrive as bytes and are parsed by the servicer, `parsed`)."""
+    response, info = embed_pb2.EmbedResponse, embed_pb2.InfoResponse
     handlers = {
         # Unary on the wire, read by the servicer itself (see EmbedServicer.Embed).
-        "Embed": grpc.stream_unary_rpc_method_handler(
-            servicer.Embed, _lenient(request.FromString, sized=True), response.SerializeToString
-        ),
-        "EmbedStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EmbedStream, _lenient(request.FromString, sized=True), response.SerializeToString
-        ),
+        "Embed": grpc.stream_unary_rpc_method_handler(servicer.Embed, None, response.SerializeToString),
+        "EmbedStream": grpc.stream_stream_rpc_method_handler(servicer.EmbedStream, None, response.SerializeToString),
         "Info": grpc.unary_unary_rpc_method_handler(
             servicer.Info, _lenient(embed_pb2.InfoRequest.FromString), info.SerializeToString
         ),
@@ -145,7 +155,7 @@ class _ImageBytes(Sequence[bytes]):
 def _check_response_size(request: embed_pb2.EmbedRequest, embedding_dim: int, token_bytes: int, limit: int) -> None:
     """Refuses a request whose answer could pass the message limit (ids are echoed back; `token_bytes`:
     one image's patch tokens, 0 when not asked)."""
-    values = 4 * embedding_dim * (2 if request.pooling == embed_pb2.POOLING_CLS_MEAN else 1)
+    values = 4 * _POOLING.get(request.pooling, Pooling.CLS).size(embedding_dim)
     if token_bytes:
         values += _PER_ITEM_BYTES + token_bytes
     per_item = _PER_ITEM_BYTES + max(values, _ERROR_BYTES)
@@ -197,11 +207,13 @@ def _response(request: embed_pb2.EmbedRequest, results: list[ImageResult], start
 class EmbedServicer(embed_pb2_grpc.EmbedServicer):
     """Embed, EmbedStream and Info on one shared engine."""
 
-    def __init__(self, service: EmbedService, receiving: asyncio.Semaphore | None = None) -> None:
-        """`receiving` bounds the bodies read at once (`max_receiving_requests`), shared with the HTTP transport."""
+    def __init__(self, service: EmbedService, slots: ReceiveSlots | None = None) -> None:
+        """`slots` bound the bodies read at once (`max_receiving_requests`, per caller and in all), shared with
+        the HTTP transport."""
         self._service = service
         self._metrics = service.metrics
-        self._receiving = receiving or asyncio.Semaphore(service.settings.max_receiving_requests)
+        settings = service.settings
+        self._slots = slots or ReceiveSlots(settings.max_receiving_requests, settings.max_receiving_per_caller)
         self._readers: set[asyncio.Future[None]] = set()  # the request readers of the streams open now
         self._draining = False
 
@@ -238,9 +250,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         log.debug("embedded %d images in %.1f ms", len(results), response.timing.total_ms)
         return response
 
-    async def Embed(
-        self, requests: AsyncIterator[_Sized | MalformedRequest], context: grpc.aio.ServicerContext
-    ) -> embed_pb2.EmbedResponse:
+    async def Embed(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> embed_pb2.EmbedResponse:
         """A unary call whose body is read only once a receive slot is free.
 
         gRPC reads a unary body before calling a unary handler, so N callers
@@ -248,8 +258,9 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         caller's body stays in its HTTP/2 flow-control window (BDP probing is
         off, server/app.py) until `max_receiving_requests` allows the read.
         """
+        deadline = _deadline(context)
         try:
-            response = await self._embed(await self._receive(requests), _deadline(context))
+            response = await self._embed(await self._receive(requests, deadline), deadline)
         except errors.EmbedError as exc:
             refusal = (status_of(exc), str(exc))
         else:
@@ -260,20 +271,25 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         self._metrics.requests.labels("Embed", refusal[0].name).inc()
         await context.abort(*refusal)
 
-    async def _receive(self, requests: AsyncIterator[_Sized | MalformedRequest]) -> _Sized | MalformedRequest:
-        timeout = self._service.settings.receive_timeout_s
-        async with self._receiving:
+    async def _receive(self, requests: AsyncIterator[bytes], deadline: float | None) -> _Sized | MalformedRequest:
+        """The call's request, read in a receive slot (waited for until the call's deadline, at most
+        `max_queue_s`) and parsed in it."""
+        settings = self._service.settings
+        wait_until = time.monotonic() + settings.max_queue_s
+        async with self._slots.slot(CALLER.get(), wait_until if deadline is None else min(deadline, wait_until)):
             try:
-                async with asyncio.timeout(timeout):
-                    request = await anext(requests, None)
+                async with asyncio.timeout(settings.receive_timeout_s):
+                    raw = await anext(requests, None)
             except TimeoutError:
-                raise errors.InvalidRequest(f"the request body did not arrive within {timeout:g} s") from None
-        if request is None:
-            raise errors.InvalidRequest("the call ended without a request")
-        return request
+                raise errors.InvalidRequest(
+                    f"the request body did not arrive within {settings.receive_timeout_s:g} s"
+                ) from None
+            if raw is None:
+                raise errors.InvalidRequest("the call ended without a request")
+            return await parsed(raw)
 
     async def EmbedStream(
-        self, request_iterator: AsyncIterator[_Sized | MalformedRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[embed_pb2.EmbedResponse]:
         """Up to `stream_window` requests in flight; responses in request order.
 
@@ -327,11 +343,9 @@ class EmbedServicer(embed_pb2_grpc.EmbedServicer):
         finally:
             cancel_outstanding()
 
-    async def _stream_one(
-        self, request: _Sized | MalformedRequest, deadline: float | None, lane: Lane
-    ) -> embed_pb2.EmbedResponse:
+    async def _stream_one(self, raw: bytes, deadline: float | None, lane: Lane) -> embed_pb2.EmbedResponse:
         try:
-            response = await self._embed(request, deadline, lane)
+            response = await self._embed(await parsed(raw), deadline, lane)
         except errors.EmbedError as exc:
             self._metrics.requests.labels("EmbedStream", status_of(exc).name).inc()
             return embed_pb2.EmbedResponse(error=error_message(exc))

@@ -47,6 +47,12 @@ TOKEN_KEYS = ("patch_tokens",)
 """Keys of the per-image outputs beyond the embedding: the JSON job takes them, OpenAI's shape has no room."""
 TOKEN_OPTION_KEYS = ("dtype", "normalize")
 IMAGE_KEYS = ("image", "images")
+UNKNOWN_KEYS_NAMED = 3
+"""Unknown keys a refusal names: a message never carries a payload back."""
+
+ImageText = str | memoryview
+"""An image's base64 text or data URL: a string, or a view of the request body that holds it (HTTP)."""
+_DATA_URL_HEAD = 256
 POOLINGS = {pooling.value: pooling for pooling in Pooling}
 
 
@@ -77,7 +83,7 @@ RUNPOD = Dialect("input", "job")
 class JobInput:
     """A validated job input: base64 strings, whether it used the one-image form, the options."""
 
-    images: list[str]
+    images: list[ImageText]
     single: bool
     options: EmbedOptions
 
@@ -104,9 +110,11 @@ def given_keys(raw: Any, accepted: Sequence[str], not_object: str, noun: str) ->
     """The keys of a JSON object whose value is not null; `InvalidRequest` for a non-object or an unknown key."""
     if not isinstance(raw, dict):
         raise errors.InvalidRequest(f"{not_object}, not {json_type(raw)}")
-    unknown = [shown(str(key)) for key in raw if key not in accepted]
+    unknown = [key for key in raw if key not in accepted]
     if unknown:
-        raise errors.InvalidRequest(f"unknown {noun} key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+        named = ", ".join(shown(str(key)) for key in unknown[:UNKNOWN_KEYS_NAMED])
+        more = f" and {len(unknown) - UNKNOWN_KEYS_NAMED} more" if len(unknown) > UNKNOWN_KEYS_NAMED else ""
+        raise errors.InvalidRequest(f"unknown {noun} key(s) {named}{more}; accepted: {', '.join(accepted)}")
     return {key: value for key, value in raw.items() if value is not None}
 
 
@@ -141,7 +149,7 @@ def _patch_tokens(value: Any) -> TokenOptions | None:
     )
 
 
-def _image_list(value: Any, limit: int, unit: str) -> list[str]:
+def _image_list(value: Any, limit: int, unit: str) -> list[ImageText]:
     if not isinstance(value, list):
         raise errors.InvalidRequest(f'"images" must be a list of base64 strings, not {json_type(value)}')
     if not value:
@@ -151,8 +159,8 @@ def _image_list(value: Any, limit: int, unit: str) -> list[str]:
     return [_base64_string(item, f"images[{index}]") for index, item in enumerate(value)]
 
 
-def _base64_string(value: Any, where: str) -> str:
-    if not isinstance(value, str):
+def _base64_string(value: Any, where: str) -> ImageText:
+    if not isinstance(value, str | memoryview):
         raise errors.InvalidRequest(f"{where} must be a base64 string, not {json_type(value)}")
     return value
 
@@ -171,8 +179,8 @@ def _normalize(value: Any) -> bool:
 
 
 def json_type(value: Any) -> str:
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-             dict: "an object", type(None): "null"}  # fmt: skip
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", memoryview: "a string",
+             list: "a list", dict: "an object", type(None): "null"}  # fmt: skip
     return names.get(type(value), type(value).__name__)
 
 
@@ -181,17 +189,14 @@ def shown(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def decode_base64(text: str, max_bytes: int) -> bytes:
+def decode_base64(text: ImageText, max_bytes: int) -> bytes:
     """Base64, or a data URL carrying it, to bytes; `InvalidImage` when it is neither or too long.
 
     The length is checked before decoding, so an oversize string costs nothing;
     the engine checks `max_bytes` again on the decoded bytes. Decoded by pybase64
     (SIMD): CPython's own decoder takes 0.7 ms for a 100 KB photo.
     """
-    if text.startswith("data:"):
-        header, comma, text = text.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise errors.InvalidImage('a data URL must look like "data:image/png;base64,<base64 data>"')
+    text = _data_url_payload(text)
     max_chars = 4 * math.ceil(max_bytes / 3)
     if len(text) > max_chars:
         raise errors.InvalidImage(
@@ -210,11 +215,23 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
         ) from None
 
 
+def _data_url_payload(text: ImageText) -> ImageText:
+    """The base64 part of a data URL (its header is at most `_DATA_URL_HEAD` characters), or `text` itself."""
+    head = text[:_DATA_URL_HEAD]
+    head = head if isinstance(head, str) else head.tobytes().decode("latin-1")
+    if not head.startswith("data:"):
+        return text
+    header, comma, _ = head.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise errors.InvalidImage('a data URL must look like "data:image/png;base64,<base64 data>"')
+    return text[len(header) + 1 :]
+
+
 Slot = bytes | ImageResult
 """One image of a job on its way to the engine: its bytes, or the answer it already has (a refusal)."""
 
 
-def decode_images(texts: Sequence[str], max_bytes: int) -> list[Slot]:
+def decode_images(texts: Sequence[ImageText], max_bytes: int) -> list[Slot]:
     """Each base64 string's bytes; one that does not decode is answered here, alone (a code and a message)."""
     slots: list[Slot] = []
     for text in texts:
@@ -229,9 +246,30 @@ async def embed_slots(
     slots: Sequence[Slot], embed: Callable[[list[bytes]], Awaitable[list[ImageResult]]]
 ) -> list[ImageResult]:
     """The answers to every slot, in order: the images that have bytes embedded in one call of `embed`."""
-    datas = [slot for slot in slots if isinstance(slot, bytes)]
-    embedded = iter(await embed(datas) if datas else [])
-    return [next(embedded) if isinstance(slot, bytes) else slot for slot in slots]
+    datas = images_of(slots)
+    return merged(slots, await embed(datas) if datas else [])
+
+
+def images_of(slots: Sequence[Slot]) -> list[bytes]:
+    """The bytes of the slots that have an image to embed."""
+    return [slot for slot in slots if isinstance(slot, bytes)]
+
+
+def merged(slots: Sequence[Slot], embedded: Sequence[ImageResult]) -> list[ImageResult]:
+    """Every slot's answer, in order: `embedded` holds those of `images_of(slots)`."""
+    answers = iter(embedded)
+    return [next(answers) if isinstance(slot, bytes) else slot for slot in slots]
+
+
+JSON_VALUE_BYTES = 56
+"""What one embedding value of a JSON answer holds while it is built: a Python float and a list slot (32 bytes),
+and its text (up to 24)."""
+
+
+def answer_bytes(options: EmbedOptions, embedding_dim: int, token_bytes: int) -> int:
+    """The bytes one image's JSON answer holds while it is built and written, beyond what the engine counts:
+    its values, and its patch tokens' base64 twice (the string, then the body)."""
+    return JSON_VALUE_BYTES * options.pooling.size(embedding_dim) + 2 * 4 * math.ceil(token_bytes / 3)
 
 
 def values(result: ImageResult) -> list[float] | None:
@@ -258,9 +296,7 @@ def batch_output(results: Sequence[ImageResult], options: EmbedOptions) -> dict[
     output: dict[str, Any] = {"embeddings": [values(result) for result in results]}
     if options.patch_tokens is not None:
         output["patch_tokens"] = [tokens_json(result) for result in results]
-    output["errors"] = [
-        {"index": index, "code": code_of(exc), "message": str(exc)} for index, exc in failures(results)
-    ]
+    output["errors"] = [{"index": index, "code": code_of(exc), "message": str(exc)} for index, exc in failures(results)]
     return output
 
 

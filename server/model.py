@@ -46,6 +46,10 @@ class Pooling(enum.Enum):
     MEAN = "mean"
     CLS_MEAN = "cls_mean"
 
+    def size(self, embedding_dim: int) -> int:
+        """Values of an embedding pooled this way: the model's width, or both halves for CLS_MEAN."""
+        return 2 * embedding_dim if self is Pooling.CLS_MEAN else embedding_dim
+
 
 @dataclass(frozen=True)
 class BatchOutput:
@@ -311,9 +315,7 @@ class ModelRunner:
                         "images from now on", count, self._oom_limit)  # fmt: skip
         return BatchOutput.joined(parts)
 
-    def _forward_or_oom(
-        self, pixels: Pixels, tokens: Tokens, full_size: bool, splittable: bool
-    ) -> BatchOutput | None:
+    def _forward_or_oom(self, pixels: Pixels, tokens: Tokens, full_size: bool, splittable: bool) -> BatchOutput | None:
         """One forward pass; None when it ran out of memory and the batch can be split.
 
         The error is dropped before memory is freed: its traceback holds the

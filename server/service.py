@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -252,7 +253,24 @@ class EmbedService:
         nbytes: int | None = None,
         lane: Lane | None = None,
     ) -> list[ImageResult]:
-        """Embeds the images of one request, in order; per-image failures are in the results.
+        """Embeds the images of one request, in order; per-image failures are in the results (see `embedding`)."""
+        async with self.embedding(images, options, deadline, wait, nbytes, lane) as results:
+            return results
+
+    @contextlib.asynccontextmanager
+    async def embedding(
+        self,
+        images: Sequence[bytes],
+        options: EmbedOptions,
+        deadline: float | None = None,
+        wait: bool = False,
+        nbytes: int | None = None,
+        lane: Lane | None = None,
+        answer_bytes: int = 0,
+    ) -> AsyncIterator[list[ImageResult]]:
+        """Embeds the images of one request, in order, and holds them in the work in flight while the block
+        runs: a transport that builds and writes its answer there has the answer counted too, as
+        `answer_bytes` per image. Per-image failures are in the results.
 
         Raises a request-level `EmbedError` when the request cannot be taken
         at all: malformed, the engine draining or stuck, or over the bounds on
@@ -275,7 +293,8 @@ class EmbedService:
             raise InvalidRequest(f"request has {len(images)} images, over the limit of {limit} per request")
         received = nbytes if nbytes is not None else sum(len(data) for data in images)
         self._memory.received(received)  # also before a refusal: its body was received and parsed
-        cost = Cost(len(images), received + len(images) * self._check_patch_tokens(len(images), options))
+        each = self._check_patch_tokens(len(images), options) + answer_bytes
+        cost = Cost(len(images), received + len(images) * each)
         await self._admit(cost, deadline, wait)
         self._in_flight_changed()
         request = _Request(len(images), options, deadline, self)
@@ -287,18 +306,23 @@ class EmbedService:
             elif not (await asyncio.wait((request.done,), timeout=max(0.0, deadline - time.monotonic())))[0]:
                 self._drop(request, job, "deadline")
                 request.expire()
+            results: list[ImageResult] = request.results  # type: ignore[assignment]
+            outcomes = collections.Counter(type(result.error).__name__ if result.error else "ok" for result in results)
+            for outcome, count in outcomes.items():
+                self.metrics.images.labels(outcome).inc(count)
+            yield results
         except asyncio.CancelledError:
-            self._drop(request, job, "deadline" if left_at_deadline(deadline, time.monotonic()) else "cancelled")
-            request.done.cancel()
+            if not request.done.done():
+                self._drop(request, job, "deadline" if left_at_deadline(deadline, time.monotonic()) else "cancelled")
+                request.done.cancel()
             raise
         finally:
             self._admission.release(cost)
             self._in_flight_changed()
-        results: list[ImageResult] = request.results  # type: ignore[assignment]
-        outcomes = collections.Counter(type(result.error).__name__ if result.error else "ok" for result in results)
-        for outcome, count in outcomes.items():
-            self.metrics.images.labels(outcome).inc(count)
-        return results
+
+    def body_received(self, nbytes: int) -> None:
+        """A transport read a request body of `nbytes`, taken or refused: the memory policy counts it."""
+        self._memory.received(nbytes)
 
     def patch_token_bytes(self, options: EmbedOptions) -> int:
         """Bytes of one image's patch tokens in the answer to `options` (0 when not asked)."""

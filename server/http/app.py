@@ -3,10 +3,11 @@
 `EmbedServer` (server/app.py) starts it when `--http-port` is set. It shares
 with gRPC the engine (`EmbedService`: admission, deadlines, batching), the
 call bounds (one `CallLimits`: per caller and in all), the receive slots
-(one semaphore: bodies read at once), the API key, the TLS files and the
-metrics. On a drain it keeps listening, so that new work is answered 503
-(and /health 503) while the requests in progress finish within the grace
-period, then it closes.
+(bodies read at once, per caller and in all), the trusted proxies, the API
+key, the TLS files and the metrics. Its connections have bounds of their own
+(server/http/connections.py: per address, header and keep-alive times). On a
+drain it keeps listening, so that new work is answered 503 (and /health 503)
+while the requests in progress finish within the grace period, then it closes.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from aiohttp import web
 from server.callers import CallLimits
 from server.config import Settings
 from server.errors import StartupError
-from server.http.bodies import BodyReader
+from server.http.bodies import FORM_FIELDS
+from server.http.connections import Connections, GuardedSite, raw_answer
 from server.http.guards import Guard, Observer
+from server.http.receive import BodyReader, Pace
 from server.http.routes import Routes
+from server.http.status import error_body
+from server.proxies import Proxies
+from server.receive_slots import ReceiveSlots
 from server.service import EmbedService
 
 log = logging.getLogger(__name__)
@@ -55,14 +61,19 @@ class HttpServer:
     """The HTTP/JSON transport of one engine; `start` listens, `stop(grace)` drains and closes."""
 
     def __init__(
-        self, settings: Settings, service: EmbedService, calls: CallLimits, receiving: asyncio.Semaphore
+        self, settings: Settings, service: EmbedService, calls: CallLimits, slots: ReceiveSlots, proxies: Proxies
     ) -> None:
         self.settings = settings
         self.port: int | None = None
+        self._proxies = proxies
         self._observer = Observer(service.metrics)
-        guard = Guard(settings.api_key, calls, service.metrics.refused.labels("calls").inc)
+        guard = Guard(settings.api_key, calls, service.metrics.refused.labels("calls").inc, proxies)
         self._app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[self._observer, guard])
-        bodies = BodyReader(settings.max_request_bytes, receiving, settings.receive_timeout_s)
+        self._app.on_response_prepare.append(Observer.stamp)
+        pace = Pace(settings.receive_timeout_s, settings.min_receive_rate, settings.receive_grace_s)
+        max_parts = settings.max_images_per_request + len(FORM_FIELDS)
+        bodies = BodyReader(settings.max_request_bytes, slots, pace, settings.max_queue_s, FORM_FIELDS, max_parts)
+        bodies.on_body = service.body_received
         Routes(service, bodies).add_to(self._app)
         self._runner: web.AppRunner | None = None
 
@@ -76,16 +87,38 @@ class HttpServer:
             # The handler of a caller that leaves is cancelled, and with it the request's work in the engine.
             # Bodies arrive as sent: a compressed one is refused, never inflated.
             self._runner = web.AppRunner(
-                self._app, access_log=None, handler_cancellation=True, auto_decompress=False, shutdown_timeout=_CLOSE_S
-            )
+                self._app, access_log=None, handler_cancellation=True, auto_decompress=False,
+                shutdown_timeout=_CLOSE_S, keepalive_timeout=self.settings.keepalive_timeout_s,
+            )  # fmt: skip
             await self._runner.setup()
-            await web.SockSite(self._runner, sock, ssl_context=context).start()
+            await GuardedSite(self._runner, sock, self._connections(), context).start()
         except BaseException:
             sock.close()
             raise
         self.port = int(sock.getsockname()[1])
         log.info("HTTP listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if context else "")
         return self.port
+
+    def _connections(self) -> Connections:
+        settings = self.settings
+        assert self._runner is not None and self._runner.server is not None
+        too_many = raw_answer(
+            429,
+            "Too Many Requests",
+            error_body(
+                "RESOURCE_EXHAUSTED",
+                (
+                    f"too many connections from this address at once ({settings.max_connections_per_address}, "
+                    "max_connections_per_address): reuse connections (keep-alive) or retry with backoff"
+                ),
+            ),
+            retry_after=True,
+        )
+        too_slow = raw_answer(408, "Request Timeout", error_body("DEADLINE_EXCEEDED", (
+            f"request headers not complete within {settings.header_timeout_s:g} s of their first byte "
+            "(header_timeout_s)")))  # fmt: skip
+        return Connections(self._runner.server, settings.max_connections_per_address, settings.header_timeout_s,
+                           self._proxies, (too_many, too_slow))  # fmt: skip
 
     async def stop(self, grace: float) -> None:
         """Waits up to `grace` seconds for the requests in progress (new ones meanwhile are answered 503 by the

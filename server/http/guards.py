@@ -21,11 +21,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from server import errors
-from server.callers import CallLimits, normalized_address
-from server.http.status import CLIENT_CLOSED, INTERNAL_MESSAGE, HttpError, error_response, refusal
+from server.callers import CALLER, CallLimits
+from server.http.connections import request_begun
+from server.http.status import CLIENT_CLOSED, INTERNAL_MESSAGE, HttpError, bounded, error_response, refusal
 from server.json_jobs import shown
 from server.logs import REQUEST_ID
 from server.metrics import Metrics
+from server.proxies import Proxies, normalized_address
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,8 @@ class Observer:
         self.idle.set()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or uuid.uuid4().hex[:16]
-        REQUEST_ID.set(request_id)
+        request_begun(request, True)
+        REQUEST_ID.set(request.headers.get(REQUEST_ID_HEADER, "")[:64] or uuid.uuid4().hex[:16])
         route = None if request.path in OPEN_PATHS else f"HTTP {_route(request)}"
         self.in_progress += 1
         self.idle.clear()
@@ -79,10 +81,10 @@ class Observer:
                 self._metrics.requests.labels(route, str(CLIENT_CLOSED)).inc()
             raise
         finally:
+            request_begun(request, False)
             self.in_progress -= 1
             if self.in_progress == 0:
                 self.idle.set()
-        response.headers[REQUEST_ID_HEADER] = request_id
         if route is not None:
             self._metrics.requests.labels(route, str(response.status)).inc()
         return response
@@ -104,8 +106,13 @@ class Observer:
         except Exception:
             log.exception("%s %s failed", request.method, request.path[:100])
             return error_response(HttpError(500, "INTERNAL", INTERNAL_MESSAGE))
-        log.info("request refused: %d %s: %s", refused.status, refused.code, refused.message)
+        log.info("request refused: %d %s: %s", refused.status, refused.code, bounded(refused.message))
         return error_response(refused)
+
+    @staticmethod
+    async def stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """Every answer carries the request id (aiohttp's on_response_prepare: also answers written by a route)."""
+        response.headers[REQUEST_ID_HEADER] = REQUEST_ID.get()
 
 
 class Guard:
@@ -113,16 +120,21 @@ class Guard:
 
     __middleware_version__ = 1
 
-    def __init__(self, api_key: str | None, calls: CallLimits, on_refused: Callable[[], None]) -> None:
+    def __init__(
+        self, api_key: str | None, calls: CallLimits, on_refused: Callable[[], None], proxies: Proxies
+    ) -> None:
         self._expected = f"Bearer {api_key}".encode() if api_key else None
         self._calls = calls
         self._on_refused = on_refused
+        self._proxies = proxies
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS or request.match_info.http_exception is not None:
             return await handler(request)
         self._authorize(request)
-        caller = normalized_address(request.remote or "unknown")
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        caller = self._proxies.caller(normalized_address(request.remote or "unknown"), forwarded)
+        CALLER.set(caller)
         refused = self._calls.enter(caller)
         if refused is not None:
             self._on_refused()
@@ -137,8 +149,8 @@ class Guard:
         they hold (which one counts would be up to each proxy on the way)."""
         if self._expected is None:
             return
-        given = request.headers.getall("Authorization", [])
-        if len(given) == 1 and hmac.compare_digest(given[0].encode(), self._expected):
+        given = request.headers.getall("Authorization", [])  # aiohttp decodes bytes that are not UTF-8 as surrogates
+        if len(given) == 1 and hmac.compare_digest(given[0].encode("utf-8", "surrogateescape"), self._expected):
             return
         if len(given) > 1:
             message = f"{len(given)} Authorization headers: send exactly one 'Authorization: Bearer <key>'"

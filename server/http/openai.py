@@ -28,7 +28,7 @@ import numpy as np
 from server import errors
 from server.http.bodies import timeout_ms
 from server.http.status import HttpError, status_of
-from server.json_jobs import OPTION_KEYS, code_of, failures, given_keys, json_type, parse_options, shown
+from server.json_jobs import OPTION_KEYS, ImageText, code_of, failures, given_keys, json_type, parse_options, shown
 from server.model import Pooling
 from server.service import EmbedOptions, ImageResult
 
@@ -42,7 +42,7 @@ _USAGE = {"prompt_tokens": 0, "total_tokens": 0}  # images are not tokens
 class EmbeddingsRequest:
     """A checked `/v1/embeddings` request: its images (base64 strings), options, encoding and timeout."""
 
-    inputs: list[str]
+    inputs: list[ImageText]
     single: bool
     options: EmbedOptions
     encoding: str
@@ -58,7 +58,7 @@ def parse_request(raw: Any, max_images: int, embedding_dim: int) -> EmbeddingsRe
     given = given_keys(raw, KEYS, 'body must be an object with "input"', "body")
     if "input" not in given:
         raise errors.InvalidRequest('body needs "input": an image as a data URL or base64, or a list of them')
-    single = isinstance(given["input"], str)
+    single = isinstance(given["input"], str | memoryview)
     inputs = [given["input"]] if single else _input_list(given["input"], max_images)
     if "model" in given and not isinstance(given["model"], str):
         raise errors.InvalidRequest(f'"model" must be a string, not {json_type(given["model"])}')
@@ -76,7 +76,7 @@ def parse_request(raw: Any, max_images: int, embedding_dim: int) -> EmbeddingsRe
     return EmbeddingsRequest(inputs, single, options, encoding, timeout_ms(given.get("timeout_ms")))
 
 
-def _input_list(value: Any, limit: int) -> list[str]:
+def _input_list(value: Any, limit: int) -> list[ImageText]:
     if not isinstance(value, list):
         raise errors.InvalidRequest(
             f'"input" must be an image as a data URL or base64, or a list of them, not {json_type(value)}'
@@ -86,7 +86,7 @@ def _input_list(value: Any, limit: int) -> list[str]:
     if len(value) > limit:
         raise errors.InvalidRequest(f'"input" has {len(value)} items, over the limit of {limit} per request')
     for index, item in enumerate(value):
-        if not isinstance(item, str):
+        if not isinstance(item, str | memoryview):
             raise errors.InvalidRequest(
                 f"input[{index}] must be a data URL or base64 string, not {json_type(item)} "
                 "(token arrays are for text models)"

@@ -34,6 +34,10 @@ STATUS_OF: dict[type[errors.EmbedError], int] = {
 }
 
 INTERNAL_MESSAGE = "the server failed on this request; the details are in its log"
+MESSAGE_CHARS = 500
+"""The longest error message answered or logged: a message never carries a payload back."""
+RETRY_STATUSES = (429, 503)
+"""Answered with Retry-After: the wait when it is known, else 1 s."""
 
 
 class HttpError(Exception):
@@ -68,5 +72,18 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
     return web.Response(body=to_json(body), status=status, headers=headers, content_type="application/json")
 
 
+def bounded(message: str) -> str:
+    """`message`, cut to `MESSAGE_CHARS`."""
+    return message if len(message) <= MESSAGE_CHARS else message[: MESSAGE_CHARS - 3] + "..."
+
+
+def error_body(code: str, message: str) -> bytes:
+    return to_json({"error": {"code": code, "message": bounded(message)}})
+
+
 def error_response(error: HttpError) -> web.Response:
-    return json_response({"error": {"code": error.code, "message": error.message}}, error.status, error.headers)
+    headers = dict(error.headers)
+    if error.status in RETRY_STATUSES:
+        headers.setdefault("Retry-After", "1")
+    body = error_body(error.code, error.message)
+    return web.Response(body=body, status=error.status, headers=headers, content_type="application/json")
