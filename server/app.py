@@ -93,10 +93,11 @@ class EmbedServer:
         proxies = Proxies(settings.trusted_proxies)
         interceptors.append(CallLimitInterceptor(self.calls, self.metrics.refused.labels("calls").inc, proxies))
         self._server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
-        slots = ReceiveSlots(settings.max_receiving_requests, settings.max_receiving_per_caller)
-        self._servicer = EmbedServicer(self.service, slots)
+        receive_refused = self.metrics.refused.labels("receive").inc
+        self.slots = ReceiveSlots(settings.max_receiving_requests, settings.max_receiving_per_caller, receive_refused)
+        self._servicer = EmbedServicer(self.service, self.slots)
         self._http = (
-            None if settings.http_port is None else HttpServer(settings, self.service, self.calls, slots, proxies)
+            None if settings.http_port is None else HttpServer(settings, self.service, self.calls, self.slots, proxies)
         )
         add_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -39,7 +39,7 @@ class Metrics:
         self.inference_seconds = Histogram("dinov2_inference_seconds", "Forward pass time per batch.",
                                            buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.refused = Counter("dinov2_refused_requests", "Requests refused before any work, by the bound that "
-                               "refused them (images, bytes, queue_time, deadline, wait, calls).", ["reason"],
+                               "refused them (images, bytes, queue_time, deadline, wait, calls, receive).", ["reason"],
                                registry=r)  # fmt: skip
         self.queued_work_seconds = Gauge("dinov2_queued_work_seconds", "Estimated seconds until the images "
                                          "accepted now are answered, at the measured speed.", registry=r)  # fmt: skip

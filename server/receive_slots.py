@@ -15,7 +15,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from server.errors import Overloaded
@@ -33,8 +33,9 @@ class _Waiter:
 class ReceiveSlots:
     """`total` bodies read at once, `per_caller` of them for one caller; `slot(caller, deadline)` holds one."""
 
-    def __init__(self, total: int, per_caller: int) -> None:
+    def __init__(self, total: int, per_caller: int, on_refused: Callable[[], None] = lambda: None) -> None:
         self.total = total
+        self._on_refused = on_refused
         self.per_caller = min(per_caller, total)
         self.held = 0
         self._by_caller: collections.Counter[str] = collections.Counter()
@@ -72,6 +73,7 @@ class ReceiveSlots:
             else:
                 self._waiting.remove(waiter)
             if isinstance(exc, TimeoutError):
+                self._on_refused()
                 raise Overloaded(
                     f"no receive slot for this request body within {time.monotonic() - waited_from:.1f} s "
                     f"({self.held} bodies being read, {self._by_caller[caller]} of them this caller's; bounds "

@@ -102,3 +102,30 @@ def test_idle_streams_of_one_caller_lock_out_neither_others_nor_health(make_serv
     wait_for(lambda: server.server.calls.open == 0)
     assert server.stub.Embed(pb.EmbedRequest(images=[pb.Image(data=images.png())]), timeout=30).embeddings[0].values
     ipv6.close()
+
+
+def test_a_trusted_proxy_names_the_caller_in_grpc_metadata(make_server, loop_thread) -> None:
+    server: RunningServer = make_server(max_calls_per_caller=2, trusted_proxies="127.0.0.1")
+    request = pb.EmbedRequest(images=[pb.Image(data=images.png())])
+    held: dict[str, Any] = {}
+
+    async def hold_two() -> None:
+        channel = grpc.aio.insecure_channel(server.address)
+        stub = embed_pb2_grpc.EmbedStub(channel)
+        forwarded = (("x-forwarded-for", "6.6.6.6, 198.51.100.1"),)  # what a caller wrote, then what the proxy saw
+        held["channel"], held["calls"] = channel, [stub.EmbedStream(metadata=forwarded) for _ in range(2)]
+
+    loop_thread.run(hold_two())
+    wait_for(lambda: server.server.calls.calls_of("198.51.100.1") == 2)
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub.Embed(request, metadata=(("x-forwarded-for", "198.51.100.1"),), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many calls from 198.51.100.1 at once" in refused.value.details()
+    assert server.stub.Embed(request, metadata=(("x-forwarded-for", "198.51.100.2"),), timeout=30).embeddings
+    assert server.server.calls.calls_of("127.0.0.1") == 0 and server.server.calls.calls_of("6.6.6.6") == 0
+
+    async def close() -> None:
+        await held["channel"].close()
+
+    loop_thread.run(close())
+    wait_for(lambda: server.server.calls.open == 0)

@@ -19,14 +19,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bench.server_proc import ServerProcess
+from bench.server_proc import ServerProcess, status_kb
 from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
-from tests import images
+from tests import images, raw_http
 from tests.conftest import Reference, assert_close, ipv6_loopback
 
 GB = 1 << 30
 MB = 1 << 20
+JSON = {"Content-Type": "application/json"}
 BIG = [("grpc.max_send_message_length", 256 * MB), ("grpc.max_receive_message_length", 256 * MB)]
 
 
@@ -35,6 +36,18 @@ def server(model_dir: Path) -> Iterator[ServerProcess]:
     with ServerProcess(["--model", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
                        ready_timeout_s=180) as running:  # fmt: skip
         yield running
+
+
+@pytest.fixture
+def http_server(model_dir: Path) -> Iterator[ServerProcess]:
+    args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"]
+    with ServerProcess(args, ready_timeout_s=180) as running:
+        yield running
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Starts the process's VmHWM over from its RSS now (Linux: clear_refs 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def wait_for_rss_below(server: ServerProcess, limit: int, within_s: float) -> int:
@@ -261,3 +274,26 @@ def test_one_caller_holding_three_thousand_idle_streams_locks_out_neither_others
         assert server.peak_rss_bytes() < 2.5 * GB
         after = wait_for_rss_below(server, int(1.5 * GB), within_s=30)
         assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the streams closed"
+
+
+@pytest.mark.parametrize("size_mb", [16, 64])
+def test_a_json_body_of_the_wrong_shape_is_refused_within_twice_its_size(
+    http_server: ServerProcess, size_mb: int
+) -> None:
+    """json.loads of 64 MB of `[]` took 1.5 GB; here the body is refused having cost about its own size."""
+    body = b"[" + b"[]," * (size_mb * MB // 3) + b"[]]"
+    wrapped = b'{"images": ' + body + b"}"
+    idle_tree = http_server.rss_bytes()  # the server and its decode workers
+    for sent in (body, wrapped):
+        idle = status_kb(http_server.pid, "VmRSS") * 1024
+        reset_peak_rss(http_server.pid)
+        answer = raw_http.request(http_server.http_port, raw_http.head("POST", "/v1/embed", JSON, len(sent)) + sent)
+        peak = status_kb(http_server.pid, "VmHWM") * 1024
+        assert answer.status == 400, answer
+        message = answer.json()["error"]["message"]
+        assert message.startswith("request body holds more JSON values than a request can"), message
+        assert peak - idle < 2 * len(sent), (
+            f"peak RSS {(peak - idle) / MB:.0f} MB over idle for {len(sent) / MB:.0f} MB"
+        )
+    after = wait_for_rss_below(http_server, idle_tree + len(body) // 2, within_s=30)
+    assert after < idle_tree + len(body) // 2, f"RSS {(after - idle_tree) / MB:.0f} MB over idle 30 s after"

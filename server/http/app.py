@@ -18,6 +18,7 @@ import socket
 import ssl
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.callers import CallLimits
 from server.config import Settings
@@ -35,6 +36,25 @@ from server.service import EmbedService
 log = logging.getLogger(__name__)
 
 _CLOSE_S = 1.0  # after the grace period: how long aiohttp gives the handlers still running before cancelling them
+
+
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header line over 8190 bytes, a bad method) with a traceback
+    at ERROR: a client's mistake, made here one INFO line without the traceback (the caller got its 400)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "HTTP request refused (%d): %s", (exc.code, str(exc.message)[:200])
+            record.exc_info, record.levelno, record.levelname = None, logging.INFO, "INFO"
+        return True
+
+
+def quiet_client_mistakes() -> None:
+    """Installs `_ClientMistakes` on aiohttp's server logger, once."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientMistakes) for f in logger.filters):
+        logger.addFilter(_ClientMistakes())
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -66,6 +86,7 @@ class HttpServer:
         self.settings = settings
         self.port: int | None = None
         self._proxies = proxies
+        quiet_client_mistakes()
         self._observer = Observer(service.metrics)
         guard = Guard(settings.api_key, calls, service.metrics.refused.labels("calls").inc, proxies)
         self._app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[self._observer, guard])
@@ -76,6 +97,7 @@ class HttpServer:
         bodies.on_body = service.body_received
         Routes(service, bodies).add_to(self._app)
         self._runner: web.AppRunner | None = None
+        self.connections: Connections | None = None  # once started
 
     async def start(self) -> int:
         """Listens on `settings.host:http_port`; returns the port (the one picked when it is 0)."""
@@ -91,7 +113,8 @@ class HttpServer:
                 shutdown_timeout=_CLOSE_S, keepalive_timeout=self.settings.keepalive_timeout_s,
             )  # fmt: skip
             await self._runner.setup()
-            await GuardedSite(self._runner, sock, self._connections(), context).start()
+            self.connections = self._connections()
+            await GuardedSite(self._runner, sock, self.connections, context).start()
         except BaseException:
             sock.close()
             raise
