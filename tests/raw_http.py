@@ -41,9 +41,10 @@ def head(method: str, path: str, headers: dict[str, str] | None = None, length: 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-def read_answer(sock: socket.socket) -> Answer:
-    """One answer (interim 1xx answers skipped); its body by Content-Length, or up to the close."""
-    buffer = b""
+def read_answer(sock: socket.socket, begun: bytes = b"") -> Answer:
+    """One answer (interim 1xx answers skipped; `begun`: its bytes already read); its body by Content-Length,
+    or up to the close."""
+    buffer = begun
     while True:
         while b"\r\n\r\n" not in buffer:
             chunk = sock.recv(65536)

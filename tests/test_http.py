@@ -6,6 +6,8 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,7 +23,7 @@ from server import errors
 from server.config import Settings
 from server.http.status import STATUS_OF
 from server.model import ModelRunner, Pooling
-from tests import images
+from tests import images, raw_http
 from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close, wait_for
 
 GOOD = images.png(seed=4)
@@ -513,3 +515,29 @@ async def test_requests_are_counted_by_route_and_status(http: RunningServer, cli
     async with client.get(url(http, "/nowhere")):
         pass
     assert {key: count(*key) - value for key, value in before.items()} == dict.fromkeys(before, 1)
+
+
+def test_an_answer_counts_in_the_bytes_in_flight_until_it_is_written(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """256 images' patch tokens are about 22 MB of JSON: a caller that does not read keeps them in flight."""
+    server = make_server(http_port=0)
+    body = json.dumps({"images": [b64(GOOD)] * 256, "patch_tokens": True}).encode()
+    answered_before = server.metrics.value("dinov2_images_total", {"outcome": "ok"})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer cannot hide in this socket's buffer
+    sock.settimeout(raw_http.WAIT_S)
+    with sock:
+        sock.connect(("127.0.0.1", server.server.http_port))
+        sock.sendall(raw_http.head("POST", "/v1/embed", {"Content-Type": "application/json"}, len(body)) + body)
+        first = sock.recv(12)  # the answer has begun: its images are embedded and its JSON made
+        assert first == b"HTTP/1.1 200"
+        assert server.metrics.value("dinov2_images_total", {"outcome": "ok"}) == answered_before + 256
+        assert server.metrics.value("dinov2_in_flight_images") == 256  # and in flight until the rest is written
+        answer = raw_http.read_answer(sock, first)
+    assert answer.status == 200
+    tokens = answer.json()["patch_tokens"]
+    assert len(tokens) == 256 and all(
+        t["rows"] * t["cols"] * t["dim"] * 4 == len(base64.b64decode(t["data"])) for t in tokens
+    )
+    wait_for(lambda: server.metrics.value("dinov2_in_flight_images") == 0)
