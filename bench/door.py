@@ -274,6 +274,17 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
+def _spread(spread_: dict[str, Any]) -> str:
+    if not spread_["count"]:
+        return "-"
+    return f"{_s(spread_['min_s'])} / {_s(spread_['p50_s'])} / {_s(spread_['max_s'])} (min / median / max)"
+
+
+def _said(answer: str) -> str:
+    """The body of an HTTP answer kept whole (its headers dropped), on one line."""
+    return answer.split("\r\n\r\n", 1)[-1].replace("\r\n", " ")[:160]
+
+
 def table_slow(slow_: dict[str, Any]) -> str:
     lines = [f"held {slow_['held_s']:.0f} s from {slow_['attacker']}"]
     for name, calls in slow_["victim"].items():
@@ -282,12 +293,15 @@ def table_slow(slow_: dict[str, Any]) -> str:
                      f"{_s(latency['p50_s'])}, max {_s(latency['max_s'])}")  # fmt: skip
         lines += [f"      {outcome}: {message}" for outcome, message in calls["messages"].items() if message]
     for kind, fate in slow_["hostile"].items():
-        closed = fate["closed_after"]
-        answered = {line: answer["count"] for line, answer in fate["answered"].items()}
-        lines.append(f"  {fate['connections']} {kind}: refused at connect {fate['refused_at_connect'] or 0}, "
-                     f"answered {answered or 0}, closed by the server {closed['count']} {fate['ended']} after "
-                     f"{_s(closed['min_s'])} / {_s(closed['p50_s'])} / {_s(closed['max_s'])} (min / median / max), "
-                     f"{fate['still_open']} still open")  # fmt: skip
+        answered, closed = fate["answered_after"], fate["closed_after"]
+        statuses = {line: answer["count"] for line, answer in fate["answered"].items()} or 0
+        ended = f" {fate['ended']}" if fate["ended"] else ""
+        lines += [
+            f"  {fate['connections']} {kind}: refused at connect {fate['refused_at_connect'] or 0}, answered "
+            f"{statuses} after {_spread(answered)}; closed by the server {closed['count']}{ended} after "
+            f"{_spread(closed)}; {fate['still_open']} still open at the end",
+            *(f"      {line}: {_said(answer['example'])}" for line, answer in fate["answered"].items()),
+        ]
     fds = slow_["server_fds"]
     lines.append(f"  server open fds: {fds['before']} before, {fds['during_max']} at most during, {fds['after']} after")
     return "\n".join(lines)

@@ -60,6 +60,7 @@ class Hostile:
     kind: str
     refused: str | None = None  # the connect's error
     answer: bytes = b""  # the first bytes the server sent
+    answered_after_s: float | None = None  # from the connect's start to the first of them
     ended: str | None = None  # "EOF" or "reset": the server closed the connection
     closed_after_s: float | None = None  # from the connect's start to the EOF or reset
 
@@ -116,6 +117,8 @@ async def _listen(reader: asyncio.StreamReader, record: Hostile, started: float)
     """Reads what the server sends until it hangs up; keeps the start of it and the time of the hang-up."""
     try:
         while chunk := await reader.read(65536):
+            if record.answered_after_s is None:
+                record.answered_after_s = time.monotonic() - started
             record.answer += chunk[: _ANSWER_KEPT - len(record.answer)]
         record.ended = "EOF"
     except ConnectionError:
@@ -138,6 +141,7 @@ def fates(records: list[Hostile], kind: str) -> dict[str, Any]:
         "connections": len(mine),
         "refused_at_connect": dict(refused),
         "answered": answers,
+        "answered_after": spread([r.answered_after_s for r in mine if r.answered_after_s is not None]),
         "ended": dict(Counter(r.ended for r in mine if r.ended)),
         "closed_after": spread(closed),
         "still_open": len(mine) - len(closed) - sum(refused.values()),

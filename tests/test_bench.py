@@ -169,6 +169,7 @@ def test_door_smoke_runs_every_scenario(tmp_path: Path, capsys) -> None:
     for kind, fate in hostile.items():
         refused = sum(fate["refused_at_connect"].values())
         assert fate["closed_after"]["count"] + fate["still_open"] + refused == fate["connections"], kind
+        assert fate["answered_after"]["count"] == sum(answer["count"] for answer in fate["answered"].values()), kind
     assert min(slow["server_fds"]["before"], slow["server_fds"]["during_max"], slow["server_fds"]["after"]) > 0
     bodies = result["json64"]
     assert list(bodies) == ["[[],[],...]", '{"images": [[],[],...]}']
