@@ -245,11 +245,17 @@ def grpc32(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
                   "HTTP GET /health": http_health.during(started, ended)}  # fmt: skip
     peak = server.peak_rss_bytes()
     time.sleep(args.settle_s)
+    messages: dict[str, str] = {}
+    for outcome, _, message in outcomes:
+        if outcome != "OK":
+            messages.setdefault(outcome, message)
     return {
         "png_bytes": len(png),
         "request_bytes": len(raw),
-        "outcomes": dict(Counter(outcome for outcome, _ in outcomes)),
-        "slowest_call_s": max(seconds for _, seconds in outcomes),
+        "outcomes": dict(Counter(outcome for outcome, _, _ in outcomes)),
+        "messages": messages,
+        "call_seconds": sorted(seconds for _, seconds, _ in outcomes),
+        "slowest_call_s": max(seconds for _, seconds, _ in outcomes),
         "seconds": ended - started,
         "health": health,
         "idle_rss_mb": idle / 2**20,
@@ -260,14 +266,18 @@ def grpc32(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _big_call(call: Callable[..., pb.EmbedResponse], raw: bytes) -> tuple[str, float]:
+def _big_call(call: Callable[..., pb.EmbedResponse], raw: bytes) -> tuple[str, float, str]:
+    """One call's outcome, seconds, and message (the status's details, or the first failed image's message)."""
     started = time.monotonic()
     try:
         response = call(raw, timeout=BIG_CALL_TIMEOUT_S)
     except grpc.RpcError as exc:
-        return exc.code().name, time.monotonic() - started
-    failed = sorted({_CODE_NAMES[e.error.code] for e in response.embeddings if e.error.code})
-    return ("OK" if not failed else "images " + "/".join(failed)), time.monotonic() - started
+        return exc.code().name, time.monotonic() - started, (exc.details() or "")[:160]
+    failed = [e.error for e in response.embeddings if e.error.code]
+    if not failed:
+        return "OK", time.monotonic() - started, ""
+    codes = "/".join(sorted({_CODE_NAMES[error.code] for error in failed}))
+    return f"images {codes}", time.monotonic() - started, failed[0].message[:160]
 
 
 def _s(value: float | None) -> str:
@@ -283,6 +293,14 @@ def _spread(spread_: dict[str, Any]) -> str:
 def _said(answer: str) -> str:
     """The body of an HTTP answer kept whole (its headers dropped), on one line."""
     return answer.split("\r\n\r\n", 1)[-1].replace("\r\n", " ")[:160]
+
+
+def _health(health: dict[str, Any]) -> str:
+    """A poller's checks during a span: how many, outcomes, p99, slowest and when it began."""
+    started = health["slowest_started_s"]
+    when = "" if started is None else f" (began {started:.1f} s in)"
+    return (f"{health['checks']} checks {health['outcomes']}, p99 {_s(health['p99_s'])}, slowest "
+            f"{_s(health['max_s'])}{when}")  # fmt: skip
 
 
 def table_slow(slow_: dict[str, Any]) -> str:
@@ -314,16 +332,14 @@ def table_json64(bodies: dict[str, Any]) -> str:
         lines.append(f"  {name} ({body['bytes'] / 2**20:.0f} MB): {body['status']} in {body['seconds']:.2f} s "
                      f"({body['message'][:100]!r}); peak RSS {body['peak_rss_mb']:.0f} MB, "
                      f"{body['peak_above_idle_mb']:+.0f} MB over {body['idle_rss_mb']:.0f} MB before "
-                     f"(peak since {body['peak_since']}); /health {health['checks']} checks {health['outcomes']}, "
-                     f"p99 {_s(health['p99_s'])}, slowest {_s(health['max_s'])}")  # fmt: skip
+                     f"(peak since {body['peak_since']}); /health {_health(health)}")  # fmt: skip
     return "\n".join(lines)
 
 
 def table_grpc32(calls: dict[str, Any]) -> str:
     lines = [f"  outcomes {calls['outcomes']} in {calls['seconds']:.1f} s, slowest {calls['slowest_call_s']:.1f} s"]
-    for name, health in calls["health"].items():
-        lines.append(f"  {name}: {health['checks']} checks {health['outcomes']}, p99 {_s(health['p99_s'])}, "
-                     f"slowest {_s(health['max_s'])}")  # fmt: skip
+    lines += [f"      {outcome}: {message}" for outcome, message in calls["messages"].items()]
+    lines += [f"  {name}: {_health(health)}" for name, health in calls["health"].items()]
     lines.append(f"  server RSS {calls['idle_rss_mb']:.0f} MB before, peak {calls['peak_rss_mb']:.0f} MB (decode "
                  f"workers' added, since {calls['peak_since']}), {calls['rss_after_mb']:.0f} MB {calls['after_s']:g} s "
                  "after")  # fmt: skip

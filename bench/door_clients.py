@@ -272,11 +272,13 @@ class Poller:
 
     def during(self, start: float, end: float) -> dict[str, Any]:
         """The checks that overlapped [start, end] (after waiting for the one in progress at `end`): how many,
-        their outcomes, and their latency's p99 and max."""
+        their outcomes, their latency's p99 and max, and when the slowest began (s after `start`)."""
         deadline = time.monotonic() + 2 * PROBE_TIMEOUT_S
         while not (self.checks and self.checks[-1][0] > end) and time.monotonic() < deadline:
             time.sleep(self._every_s)
         mine = [check for check in self.checks if check[0] <= end and check[1] >= start]
         latency = spread([stop - begun for begun, stop, _ in mine])
+        slowest = max(mine, key=lambda check: check[1] - check[0], default=None)
         return {"checks": len(mine), "outcomes": dict(Counter(o for _, _, o in mine)), "p99_s": latency["p99_s"],
-                "max_s": latency["max_s"]}  # fmt: skip
+                "max_s": latency["max_s"],
+                "slowest_started_s": None if slowest is None else slowest[0] - start}  # fmt: skip
