@@ -246,7 +246,9 @@ def grpc32(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
     peak = server.peak_rss_bytes()
     time.sleep(args.settle_s)
     messages: dict[str, str] = {}
-    for outcome, _, message in outcomes:
+    seconds_by_outcome: dict[str, list[float]] = {}
+    for outcome, seconds, message in sorted(outcomes, key=lambda o: o[1]):
+        seconds_by_outcome.setdefault(outcome, []).append(round(seconds, 3))
         if outcome != "OK":
             messages.setdefault(outcome, message)
     return {
@@ -254,7 +256,7 @@ def grpc32(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
         "request_bytes": len(raw),
         "outcomes": dict(Counter(outcome for outcome, _, _ in outcomes)),
         "messages": messages,
-        "call_seconds": sorted(seconds for _, seconds, _ in outcomes),
+        "call_seconds": seconds_by_outcome,
         "slowest_call_s": max(seconds for _, seconds, _ in outcomes),
         "seconds": ended - started,
         "health": health,
@@ -338,6 +340,8 @@ def table_json64(bodies: dict[str, Any]) -> str:
 
 def table_grpc32(calls: dict[str, Any]) -> str:
     lines = [f"  outcomes {calls['outcomes']} in {calls['seconds']:.1f} s, slowest {calls['slowest_call_s']:.1f} s"]
+    lines += [f"      {outcome} after {seconds[0]:.1f} s to {seconds[-1]:.1f} s"
+              for outcome, seconds in calls["call_seconds"].items()]  # fmt: skip
     lines += [f"      {outcome}: {message}" for outcome, message in calls["messages"].items()]
     lines += [f"  {name}: {_health(health)}" for name, health in calls["health"].items()]
     lines.append(f"  server RSS {calls['idle_rss_mb']:.0f} MB before, peak {calls['peak_rss_mb']:.0f} MB (decode "
