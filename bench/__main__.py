@@ -9,6 +9,7 @@
     python -m bench --overload --size base --dtype float32   # backpressure: bulk client, bursts, idle streams
     python -m bench --patch-tokens --size small --dtype float32  # 64-image requests: patch tokens vs pooled
     python -m bench --http --size small --dtype float32      # HTTP POST /v1/embed against gRPC Embed, one server
+    python -m bench --door --json door.json  # the front doors against slow and hostile clients (tiny model)
 
 Raw, service and seed-style are measured in alternating rounds while the
 server is up, and each path's best round is reported: on a shared machine a
@@ -30,6 +31,7 @@ import torch
 from bench import (
     ablation,
     capacity,
+    door,
     driver,
     fidelity,
     flops,
@@ -58,6 +60,10 @@ SMOKE = {
 TOKENS_SMOKE = {"size": "tiny", "service_images": 128, "distinct_images": 8, "rounds": 1}
 OVERLOAD_SMOKE = {"size": "tiny", "photos": 40, "burst_calls": 20, "idle_streams": 400, "settle_s": 1.0}
 HTTP_SMOKE = {"size": "tiny", "distinct_images": 8, "request_images": 4, "window": 2, "rounds": 1}
+DOOR_SMOKE = {
+    "size": "tiny", "slow_uploads": 4, "half_sent": 20, "door_seconds": 2.0, "json_mb": 1.0, "grpc_calls": 4,
+    "grpc_images": 2, "settle_s": 1.0,
+}  # fmt: skip
 HOST_SMOKE = {
     "distinct_images": 8, "request_images": 4, "window": 4, "rounds": 1, "decode_seconds": 0.2,
     "server_seconds": 0.3,
@@ -68,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--size", default="small", choices=list(SIZES), help="random-weight DINOv2 of this size")
+    p.add_argument("--size", choices=list(SIZES), help="random-weight DINOv2 of this size [small; --door tiny]")
     p.add_argument("--model", help="an existing model folder instead of a random --size one")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -125,12 +131,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--burst-calls", type=int, default=120, help="--overload: concurrent 32-image Embed calls")
     p.add_argument("--idle-streams", type=int, default=3000, help="--overload: idle streams of one caller")
     p.add_argument("--busy-loops", type=int, default=0, help="--overload: busy-loop processes beside it")
-    p.add_argument("--settle-s", type=float, default=20.0, help="--overload: idle seconds before RSS after")
+    p.add_argument("--settle-s", type=float, help="--overload, --door: idle seconds before RSS after [20; --door 30]")
     p.add_argument("--patch-tokens", action="store_true",
                    help="only patch tokens against pooled outputs: 64-image EmbedStream requests")  # fmt: skip
     p.add_argument("--token-dtype", default="float16", choices=list(patch_tokens.TOKEN_DTYPES),
                    help="--patch-tokens: the tokens' dtype")  # fmt: skip
+    p.add_argument("--door", action="store_true",
+                   help="only the front doors against slow and hostile clients (bench/door.py)")  # fmt: skip
+    p.add_argument("--door-seconds", type=float, default=20.0, help="--door: seconds the slow clients are held")
+    p.add_argument("--slow-uploads", type=int, default=8, help="--door: uploads sending a byte every 2 s")
+    p.add_argument("--half-sent", type=int, default=300, help="--door: connections that never end their headers")
+    p.add_argument("--json-mb", type=float, default=64.0, help="--door: size of the wrong-shaped JSON bodies")
+    p.add_argument("--grpc-calls", type=int, default=32, help="--door: concurrent Embed calls of large PNGs")
+    p.add_argument("--grpc-images", type=int, default=15, help="--door: ~8.5 MB noise PNGs per Embed call")
     args = p.parse_args(argv)
+    args.size = args.size or ("tiny" if args.door else "small")
+    args.settle_s = args.settle_s if args.settle_s is not None else (30.0 if args.door else 20.0)
     args.request_images = args.request_images or (32 if args.host_path or args.http else 8)
     args.window = args.window or (4 if args.http else 16)
     args.rounds = args.rounds or 3
@@ -138,6 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         smoke = (
             HOST_SMOKE if args.host_path else HTTP_SMOKE if args.http else OVERLOAD_SMOKE if args.overload else SMOKE
         )
+        smoke = DOOR_SMOKE if args.door else smoke
         for key, value in (TOKENS_SMOKE if args.patch_tokens else smoke).items():
             setattr(args, key, value)
     args.seed_images = min(args.seed_images, args.distinct_images)
@@ -310,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result = patch_tokens.run(args, model_dir, flags)
             elif args.http:
                 result = http_path.run(args, model_dir)
+            elif args.door:
+                result = door.run(args, model_dir)
             else:
                 result = overload.run(args, model_dir) if args.overload else run(args, model_dir)
     if args.pipe_frames:
@@ -322,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table = patch_tokens.table
     elif args.http:
         table = http_path.table
+    elif args.door:
+        table = door.table
     else:
         table = overload.table if args.overload else report.table
     print(table(result))

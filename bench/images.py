@@ -41,3 +41,10 @@ def gray_jpegs(count: int, size: int = 512) -> list[bytes]:
 def gray_pngs(count: int, size: int = 64) -> list[bytes]:
     """`count` distinct PNGs."""
     return [gray_png(seed, size) for seed in range(count)]
+
+
+def noise_png(side: int = 1680, seed: int = 7) -> bytes:
+    """Random RGB noise as a PNG at compress level 1: ~8.5 MB at 1680 a side (noise does not compress), as
+    tests/test_limits.py sends it: the most bytes a pixel can cost on the wire and in decoding."""
+    rng = np.random.default_rng(seed)
+    return _encode(Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)), "PNG", compress_level=1)

@@ -89,6 +89,23 @@ class ServerProcess:
         """
         return sum(status_kb(pid, "VmHWM") for pid in process_tree(self.pid)) * 1024
 
+    def reset_peak_rss(self) -> bool:
+        """Restarts the peak (VmHWM) of the server and its decode workers at their RSS now, so that the next
+        `peak_rss_bytes` is one load's, not the lifetime's; False where the kernel refused (clear_refs)."""
+        try:
+            for pid in process_tree(self.pid):
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def open_fds(self) -> int:
+        """The server process's open file descriptors now (its sockets among them); 0 once it has ended."""
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/fd"))
+        except OSError:
+            return 0
+
     def rss_bytes(self) -> int:
         """The resident memory of the server and its decode worker processes now (VmRSS)."""
         return sum(status_kb(pid, "VmRSS") for pid in process_tree(self.pid)) * 1024

@@ -153,3 +153,33 @@ def test_patch_tokens_smoke_compares_with_pooled_in_one_run(tmp_path: Path) -> N
     assert result["response_bytes_64_images"] > 64 * side * side * dim * 2
     memory = result["memory_mb"]
     assert 0 < memory["after_warmup"] <= memory["peak"] and 0 < memory["settled"] <= memory["peak"]
+
+
+def test_door_smoke_runs_every_scenario(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "door.json"
+    main(["--door", "--smoke", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert {"cpu", "load_average_start", "load_average_end"} <= result["machine"].keys()
+    slow = result["slow"]
+    for name, calls in slow["victim"].items():  # a call every 0.5 s for 2 s, each answered, refused or timed out
+        assert sum(calls["outcomes"].values()) == len(calls["calls"]) == calls["latency"]["count"] == 4, name
+        assert 0 < calls["latency"]["p50_s"] <= calls["latency"]["max_s"], name
+    hostile = slow["hostile"]
+    assert [hostile[kind]["connections"] for kind in ("slow upload", "header pad", "request line")] == [4, 10, 10]
+    for kind, fate in hostile.items():
+        refused = sum(fate["refused_at_connect"].values())
+        assert fate["closed_after"]["count"] + fate["still_open"] + refused == fate["connections"], kind
+        assert fate["answered_after"]["count"] == sum(answer["count"] for answer in fate["answered"].values()), kind
+    assert min(slow["server_fds"]["before"], slow["server_fds"]["during_max"], slow["server_fds"]["after"]) > 0
+    bodies = result["json64"]
+    assert list(bodies) == ["[[],[],...]", '{"images": [[],[],...]}']
+    for name, body in bodies.items():
+        assert body["bytes"] >= 2**20 and body["status"] and body["seconds"] > 0, name
+        assert body["idle_rss_mb"] > 0 and body["peak_rss_mb"] > 0, name
+        assert body["health"]["checks"] >= 1 and body["health"]["max_s"] >= body["health"]["p99_s"] > 0, name
+    calls = result["grpc32"]
+    assert sum(calls["outcomes"].values()) == 4 and calls["request_bytes"] > 2 * 8_000_000
+    for name, health in calls["health"].items():
+        assert health["checks"] >= 1 and health["max_s"] >= health["p99_s"] > 0, name
+    assert calls["peak_rss_mb"] > 0 and calls["rss_after_mb"] > 0
+    assert "grpc32: 4 concurrent Embed calls of 2 x" in capsys.readouterr().out
