@@ -72,6 +72,7 @@ class Admission:
                 f"server is at capacity ({self.images} images, {self.nbytes} bytes in flight; bounds "
                 f"{self.max_images} images, {self.max_bytes} bytes); retry with backoff",
                 reason="images" if self.images + cost.images > self.max_images else "bytes",
+                retry_after_s=self.queued_seconds() or None,
             )
         if self.images:
             self._check_time(cost, deadline)
@@ -96,6 +97,7 @@ class Admission:
                 f"({self.images} images ahead of it, {cost.images} in it, at about {total.rate:.3g} images/s), "
                 f"after its deadline ({_seconds(max(left, 0.0))} s from now); retry with backoff or on another server",
                 reason="deadline",
+                retry_after_s=total.wait,
             )
 
     async def acquire(self, cost: Cost, deadline: float | None = None) -> None:

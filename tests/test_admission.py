@@ -114,9 +114,22 @@ def test_a_request_that_would_miss_its_deadline_is_refused_at_once_with_the_esti
     admission.try_acquire(images(30), deadline=None)
     with pytest.raises(Overloaded, match=r"answered in about 40 s \(30 images ahead of it, 10 in it") as info:
         admission.try_acquire(images(10), deadline=time.monotonic() + 45)  # 40 s x SAFETY > 45 s
-    assert info.value.reason == "deadline"
+    assert info.value.reason == "deadline" and info.value.retry_after_s == 30.0  # the work ahead of it
     admission.try_acquire(images(10), deadline=time.monotonic() + 40 * SAFETY + 5)
     assert admission.images == 40
+
+
+def test_a_refusal_at_capacity_says_how_long_the_work_accepted_will_take() -> None:
+    admission = Admission(4, 100 * MB, clock=clock(2.0))
+    admission.try_acquire(images(4))
+    with pytest.raises(Overloaded) as info:
+        admission.try_acquire(images(1))
+    assert info.value.reason == "images" and info.value.retry_after_s == 8.0
+    unknown = Admission(4, 100 * MB)  # no speed measured yet: no wait to tell (HTTP then says 1 s)
+    unknown.try_acquire(images(4))
+    with pytest.raises(Overloaded) as info:
+        unknown.try_acquire(images(1))
+    assert info.value.retry_after_s is None
 
 
 def test_a_request_with_nothing_ahead_is_never_refused_for_time() -> None:
