@@ -18,7 +18,8 @@ another (the clients: bench/door_clients.py):
   hostile connection and what it sent them; its open file descriptors before,
   during (the most) and after;
 - json64: a `--json-mb` MB JSON body of the wrong shape, `[[],[],...]`, then
-  `{"images": [[],[],...]}`, each sent once while a thread polls `GET /health`
+  `{"images": [[],[],...]}`, then a well-formed job of twice the size (31 base64
+  strings of random bytes), each sent once while a thread polls `GET /health`
   every 10 ms on a keep-alive connection: each body's status and message, the
   server process's peak RSS (VmHWM) above its RSS before the body, and the
   slowest and p99 `/health` answer while the body was handled;
@@ -38,6 +39,7 @@ import asyncio
 import base64
 import http.client
 import json
+import random
 import sys
 import time
 from collections import Counter
@@ -174,10 +176,14 @@ async def _victims(server: ServerProcess, seconds: float) -> dict[str, Any]:
 
 
 def wrong_shapes(megabytes: float) -> Iterator[tuple[str, bytes]]:
-    """JSON bodies of about `megabytes` MB that parse into millions of empty lists: a list, and a job's images."""
+    """JSON bodies of about `megabytes` MB that parse into millions of empty lists: a list, and a job's images;
+    then a well-formed job of twice the size (31 base64 strings of random bytes: parsed whole, each image
+    then refused by its decoder), the largest body a parse must get through."""
     count = int(megabytes * 2**20) // 3
     yield "[[],[],...]", b"[" + b"[]," * count + b"[]]"
     yield '{"images": [[],[],...]}', b'{"images": [' + b"[]," * count + b"[]]}"
+    text = base64.b64encode(random.Random(0).randbytes(int(2 * megabytes * 2**20 * 3 / 4 / 31)))
+    yield '{"images": [31 x base64]}', b'{"images": ["' + b'", "'.join([text] * 31) + b'"]}'
 
 
 def json64(server: ServerProcess, megabytes: float) -> dict[str, Any]:
@@ -359,7 +365,8 @@ def table(result: dict[str, Any]) -> str:
         f"slow: {c['slow_uploads']} uploads at a byte every 2 s and {c['half_sent']} half-sent requests; a victim "
         f"call of one small PNG every {VICTIM_EVERY_S} s per door for {c['door_seconds']:g} s",
         table_slow(result["slow"]),
-        f"json64: {c['json_mb']:g} MB bodies of the wrong shape, /health polled every {POLL_EVERY_S * 1000:.0f} ms",
+        f"json64: {c['json_mb']:g} MB bodies of the wrong shape and a well-formed one of twice that, /health polled "
+        f"every {POLL_EVERY_S * 1000:.0f} ms",
         table_json64(result["json64"]),
         f"grpc32: {c['grpc_calls']} concurrent Embed calls of {c['grpc_images']} x "
         f"{grpc_['png_bytes'] / 1e6:.1f} MB noise PNGs ({grpc_['request_bytes'] / 1e6:.0f} MB a call)",
