@@ -9,14 +9,24 @@ import aiohttp
 import numpy as np
 import pytest
 
+from server.model import Pooling
 from tests.conftest import Reference, RunningServer, assert_close
 from tests.test_http import GOOD, PHOTO, b64, error_of, post, url, vec
 
+PHOTO_URL = "data:image/jpeg;base64," + b64(PHOTO)
 
-async def test_round_trip_in_float_and_base64(
+
+def norm(values: list[float]) -> float:
+    return float(np.linalg.norm(np.array(values, dtype=np.float64)))
+
+
+# ----------------------------------------------------------------- answers
+
+
+async def test_round_trip_in_float_and_base64_of_unit_length(
     http: RunningServer, client: aiohttp.ClientSession, reference: Reference
 ) -> None:
-    inputs = ["data:image/jpeg;base64," + b64(PHOTO), b64(GOOD)]
+    inputs = [PHOTO_URL, b64(GOOD)]
     status, floats = await post(client, url(http, "/v1/embeddings"),
                                 json={"input": inputs, "model": "dinov2", "user": "someone"})  # fmt: skip
     assert status == 200
@@ -24,7 +34,9 @@ async def test_round_trip_in_float_and_base64(
     assert floats["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
     assert [(d["object"], d["index"]) for d in floats["data"]] == [("embedding", 0), ("embedding", 1)]
     for index, data in enumerate((PHOTO, GOOD)):
-        assert_close(vec(floats["data"][index]["embedding"]), reference.embed(data), f"float {index}")
+        values = floats["data"][index]["embedding"]
+        assert abs(norm(values) - 1.0) <= 1e-6, f"input {index}: length {norm(values)}"  # float32 rounding
+        assert_close(vec(values), reference.embed(data, Pooling.CLS, normalize=True), f"float {index}")
     status, packed = await post(client, url(http, "/v1/embeddings"),
                                 json={"input": inputs, "model": "dinov2", "encoding_format": "base64"})  # fmt: skip
     assert status == 200
@@ -33,6 +45,20 @@ async def test_round_trip_in_float_and_base64(
         np.testing.assert_array_equal(decoded, vec(floats["data"][index]["embedding"]))
     status, one = await post(client, url(http, "/v1/embeddings"), json={"input": inputs[0], "dimensions": 32})
     assert status == 200 and one["data"][0]["embedding"] == floats["data"][0]["embedding"]
+
+
+async def test_normalize_false_gives_the_raw_embedding_of_v1_embed(
+    http: RunningServer, client: aiohttp.ClientSession, reference: Reference
+) -> None:
+    status, raw = await post(client, url(http, "/v1/embeddings"), json={"input": PHOTO_URL, "normalize": False})
+    assert status == 200
+    assert_close(vec(raw["data"][0]["embedding"]), reference.embed(PHOTO), "raw")
+    assert abs(norm(raw["data"][0]["embedding"]) - 1.0) > 1e-3  # the tiny model's raw CLS is not of length 1
+    status, embed = await post(client, url(http, "/v1/embed"), json={"image": b64(PHOTO)})
+    assert status == 200 and embed["embedding"] == raw["data"][0]["embedding"]  # /v1/embed keeps its default
+    status, both = await post(client, url(http, "/v1/embeddings"), json={"input": PHOTO_URL, "pooling": "cls_mean"})
+    assert status == 200
+    assert_close(vec(both["data"][0]["embedding"]), reference.embed(PHOTO, Pooling.CLS_MEAN, True), "cls_mean")
 
 
 async def test_a_failed_input_fails_the_request_naming_each_failed_input(

@@ -5,14 +5,21 @@
     -> {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [...] or "<base64>"}, ...],
         "model": "<the served model>", "usage": {"prompt_tokens": 0, "total_tokens": 0}}
 
+As OpenAI's:
+- embeddings have length 1 unless the request says `"normalize": false`, since
+  OpenAI's clients compare them by dot product (`/v1/embed`, gRPC and RunPod
+  answer them raw unless asked);
+- `"base64"` is the embedding's little-endian float32 bytes.
+
+Where it differs:
+- the inputs are images (data URLs or base64), not text, and `usage` counts 0 tokens;
 - `model` is required by OpenAI's clients, so any value is accepted and the
   answer names the model that served it: the served id may be a local folder
-  (/opt/model in the container) that a caller cannot know.
-- `dimensions` must equal the embedding's size: a DINOv2 embedding cannot be shortened.
-- `"base64"` is the embedding's little-endian float32 bytes, as OpenAI's.
-- The shape has no per-item error: when any image fails, the request fails
+  (/opt/model in the container) that a caller cannot know;
+- `dimensions` must equal the embedding's size: a DINOv2 embedding cannot be shortened;
+- the shape has no per-item error: when any image fails, the request fails
   with the status of the first failure, and the message names each failing
-  input (the first five) and points to /v1/embed, which answers per image.
+  input (the first five) and points to /v1/embed, which answers per image;
 - `/v1/embed`'s options (`pooling`, `normalize`) and `timeout_ms` are taken too.
 """
 
@@ -36,6 +43,8 @@ KEYS = ("input", "model", "encoding_format", "dimensions", "user", *OPTION_KEYS,
 ENCODINGS = ("float", "base64")
 LISTED_FAILURES = 5
 _USAGE = {"prompt_tokens": 0, "total_tokens": 0}  # images are not tokens
+DEFAULT_OPTIONS = {"normalize": True}
+"""Where this route's defaults differ from `/v1/embed`'s: OpenAI's embeddings have length 1."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ def parse_request(raw: Any, max_images: int, embedding_dim: int) -> EmbeddingsRe
     if encoding not in ENCODINGS:
         said = shown(encoding) if isinstance(encoding, str) else json_type(encoding)
         raise errors.InvalidRequest(f'"encoding_format" must be float or base64, not {said}')
-    options = parse_options(given)
+    options = parse_options({**DEFAULT_OPTIONS, **given})
     dim = output_dim(options, embedding_dim)
     if "dimensions" in given and (given["dimensions"] != dim or isinstance(given["dimensions"], bool)):
         said = given["dimensions"] if isinstance(given["dimensions"], int) else json_type(given["dimensions"])
