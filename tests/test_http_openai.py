@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 
+from server import errors
 from server.model import Pooling
 from tests.conftest import Reference, RunningServer, assert_close
-from tests.test_http import GOOD, PHOTO, b64, error_of, post, url, vec
+from tests.test_http import GOOD, KEY, PHOTO, b64, post, url, vec
 
 PHOTO_URL = "data:image/jpeg;base64," + b64(PHOTO)
+
+
+def openai_error_of(body: Any) -> dict[str, Any]:
+    """The error of an answer in OpenAI's shape, exactly its four keys."""
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
 
 
 def norm(values: list[float]) -> float:
@@ -61,30 +69,89 @@ async def test_normalize_false_gives_the_raw_embedding_of_v1_embed(
     assert_close(vec(both["data"][0]["embedding"]), reference.embed(PHOTO, Pooling.CLS_MEAN, True), "cls_mean")
 
 
+# ------------------------------------------------------------------ errors
+
+
 async def test_a_failed_input_fails_the_request_naming_each_failed_input(
     http: RunningServer, client: aiohttp.ClientSession
 ) -> None:
     inputs = [b64(GOOD), b64(b"not an image"), b64(GOOD), "%%%"]
     status, body = await post(client, url(http, "/v1/embeddings"), json={"input": inputs})
-    code, message = error_of(body)
-    assert status == 422 and code == "INVALID_ARGUMENT"
-    assert message.startswith("2 of 4 inputs failed: input[1]: INVALID_ARGUMENT: not a decodable image")
-    assert "input[3]: INVALID_ARGUMENT: not valid base64" in message and "POST /v1/embed" in message
+    error = openai_error_of(body)
+    assert status == 422
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "input", "INVALID_ARGUMENT")
+    assert error["message"].startswith("2 of 4 inputs failed: input[1]: INVALID_ARGUMENT: not a decodable image")
+    assert "input[3]: INVALID_ARGUMENT: not valid base64" in error["message"]
+    assert "POST /v1/embed" in error["message"]
 
 
 @pytest.mark.parametrize(
-    ("request_body", "message"),
+    ("request_body", "param", "message"),
     [
-        ({"model": "x"}, 'body needs "input"'),
-        ({"input": [[1, 2, 3]]}, "input[0] must be a data URL or base64 string, not a list"),
-        ({"input": "x", "encoding_format": "int8"}, "\"encoding_format\" must be float or base64, not 'int8'"),
-        ({"input": "x", "dimensions": 16}, '"dimensions" must be 32, this model\'s embedding size, not 16'),
-        ({"input": "x", "dimensions": 32, "pooling": "cls_mean"}, '"dimensions" must be 64'),
-        ({"input": "x", "temperature": 1}, "unknown body key(s) 'temperature'"),
+        ({"model": "x"}, "input", 'body needs "input"'),
+        ({"input": []}, "input", '"input" is empty: send at least one image'),
+        ({"input": [[1, 2, 3]]}, "input", "input[0] must be a data URL or base64 string, not a list"),
+        ({"input": "x", "model": 7}, "model", '"model" must be a string, not a number'),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format", "must be float or base64, not 'int8'"),
+        ({"input": "x", "dimensions": 16}, "dimensions", '"dimensions" must be 32, this model\'s embedding size'),
+        ({"input": "x", "dimensions": 32, "pooling": "cls_mean"}, "dimensions", '"dimensions" must be 64'),
+        ({"input": "x", "pooling": "max"}, "pooling", "\"pooling\" must be one of cls, mean, cls_mean, not 'max'"),
+        ({"input": "x", "normalize": "yes"}, "normalize", '"normalize" must be true or false, not a string'),
+        ({"input": "x", "timeout_ms": -5}, "timeout_ms", '"timeout_ms" must be a positive number of milliseconds'),
+        ({"input": "x", "temperature": 1}, None, "unknown body key(s) 'temperature'"),
+        ([{"input": "x"}], None, 'body must be an object with "input", not a list'),
     ],
 )
-async def test_a_request_it_cannot_honour_is_400(
-    http: RunningServer, client: aiohttp.ClientSession, request_body: dict[str, Any], message: str
+async def test_a_request_it_cannot_honour_is_400_naming_the_field(
+    http: RunningServer, client: aiohttp.ClientSession, request_body: Any, param: str | None, message: str
 ) -> None:
     status, body = await post(client, url(http, "/v1/embeddings"), json=request_body)
-    assert status == 400 and message in error_of(body)[1], body
+    error = openai_error_of(body)
+    assert status == 400 and message in error["message"], body
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, "INVALID_ARGUMENT")
+
+
+async def test_the_transport_s_own_refusals_take_openai_s_shape(
+    make_server: Callable[..., RunningServer], client: aiohttp.ClientSession
+) -> None:
+    keyed = make_server(http_port=0, api_key=KEY, max_request_bytes=100_000)
+    address, good = url(keyed, "/v1/embeddings"), {"Authorization": f"Bearer {KEY}"}
+    status, body = await post(client, address, json={"input": PHOTO_URL}, headers={"Authorization": "Bearer no"})
+    error = openai_error_of(body)
+    assert status == 401 and (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error", None, "UNAUTHENTICATED")  # fmt: skip
+    assert "Bearer <key>" in error["message"]
+    status, body = await post(client, address, data=b'{"input": ', headers=good)
+    error = openai_error_of(body)
+    assert status == 400 and error["param"] is None and "not valid JSON" in error["message"]
+    status, body = await post(client, address, json={"input": "A" * 150_000}, headers=good)
+    error = openai_error_of(body)
+    assert status == 413 and (error["type"], error["code"]) == ("invalid_request_error", "INVALID_ARGUMENT")
+    async with client.get(address, headers=good) as response:
+        error = openai_error_of(await response.json())
+    assert response.status == 405 and (error["type"], error["code"]) == ("invalid_request_error", "UNIMPLEMENTED")
+    status, body = await post(client, url(keyed, "/v1/embed"), json={"image": b64(GOOD)})
+    assert status == 401 and set(body["error"]) == {"code", "message"}  # other routes keep their shape
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "kind", "code"),
+    [
+        (errors.Overloaded("server is busy", reason="queue_time", retry_after_s=2.2), 429, "requests",
+         "RESOURCE_EXHAUSTED"),
+        (errors.Unavailable("server is draining"), 503, "server_error", "UNAVAILABLE"),
+        (RuntimeError("secret internal detail"), 500, "server_error", "INTERNAL"),
+    ],
+)  # fmt: skip
+async def test_engine_refusals_and_failures_take_openai_s_shape(
+    http: RunningServer, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+    exc: Exception, status: int, kind: str, code: str,
+) -> None:  # fmt: skip
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr(http.server.service, "embed", refuse)
+    answer_status, body = await post(client, url(http, "/v1/embeddings"), json={"input": b64(GOOD)})
+    error = openai_error_of(body)
+    assert answer_status == status and (error["type"], error["param"], error["code"]) == (kind, None, code)
+    assert "secret" not in error["message"]

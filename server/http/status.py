@@ -1,8 +1,11 @@
 """HTTP statuses: engine errors to statuses in one table, and every error answer's JSON shape.
 
-An error answer is always `{"error": {"code": "<CODE>", "message": "<one line>"}}`:
+An error answer is `{"error": {"code": "<CODE>", "message": "<one line>"}}`:
 the code is the gRPC name that RunPod's jobs use too (server/json_jobs.py),
-the message names the problem and the fix. Engine errors are mapped here and
+the message names the problem and the fix. On OpenAI's route (`OPENAI_PATHS`)
+it has OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with
+the same code and message, so that OpenAI's clients read every refusal there,
+the middlewares' too. Engine errors are mapped here and
 nowhere else (`STATUS_OF`); the transport's own refusals (a wrong key, a body
 too large, an unknown route) are an `HttpError` that carries its status.
 """
@@ -35,16 +38,23 @@ STATUS_OF: dict[type[errors.EmbedError], int] = {
 
 INTERNAL_MESSAGE = "the server failed on this request; the details are in its log"
 
+OPENAI_PATHS = frozenset({"/v1/embeddings"})
+"""Paths whose error answers take OpenAI's shape (server/http/openai.py)."""
+
 
 class HttpError(Exception):
-    """A refusal of the HTTP transport itself, with its status, code name, message and headers."""
+    """A refusal of the HTTP transport itself, with its status, code name, message and headers, and the
+    request field at fault when there is one (`param`, as `errors.InvalidRequest` has it)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.param = param
 
 
 def status_of(exc: errors.EmbedError) -> int:
@@ -56,7 +66,8 @@ def refusal(exc: errors.EmbedError, prefix: str = "") -> HttpError:
     headers = {}
     if isinstance(exc, errors.Overloaded) and exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return HttpError(status_of(exc), code_of(exc), f"{prefix}{exc}", headers)
+    param = exc.param if isinstance(exc, errors.InvalidRequest) else None
+    return HttpError(status_of(exc), code_of(exc), f"{prefix}{exc}", headers, param)
 
 
 def to_json(body: Any) -> bytes:
@@ -68,5 +79,19 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
     return web.Response(body=to_json(body), status=status, headers=headers, content_type="application/json")
 
 
-def error_response(error: HttpError) -> web.Response:
-    return json_response({"error": {"code": error.code, "message": error.message}}, error.status, error.headers)
+def openai_type(status: int) -> str:
+    """OpenAI's error `type` for a status, among those OpenAI's API answers: `server_error` for its own
+    failures (500, 503), `requests` for its limit on requests (429), `invalid_request_error` for every
+    mistake of the caller's (400, 401 for a wrong key, 404 for an unknown route)."""
+    if status >= 500:
+        return "server_error"
+    return "requests" if status == 429 else "invalid_request_error"
+
+
+def error_response(error: HttpError, path: str) -> web.Response:
+    """The JSON answer to a refused request for `path`, in its route's shape."""
+    if path in OPENAI_PATHS:
+        body = {"message": error.message, "type": openai_type(error.status), "param": error.param, "code": error.code}
+    else:
+        body = {"code": error.code, "message": error.message}
+    return json_response({"error": body}, error.status, error.headers)
