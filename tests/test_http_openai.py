@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,8 +39,7 @@ async def test_round_trip_in_float_and_base64_of_unit_length(
     status, floats = await post(client, url(http, "/v1/embeddings"),
                                 json={"input": inputs, "model": "dinov2", "user": "someone"})  # fmt: skip
     assert status == 200
-    assert floats["object"] == "list" and floats["model"] == http.server.service.info.model_id
-    assert floats["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+    assert floats["object"] == "list" and floats["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
     assert [(d["object"], d["index"]) for d in floats["data"]] == [("embedding", 0), ("embedding", 1)]
     for index, data in enumerate((PHOTO, GOOD)):
         values = floats["data"][index]["embedding"]
@@ -67,6 +67,18 @@ async def test_normalize_false_gives_the_raw_embedding_of_v1_embed(
     status, both = await post(client, url(http, "/v1/embeddings"), json={"input": PHOTO_URL, "pooling": "cls_mean"})
     assert status == 200
     assert_close(vec(both["data"][0]["embedding"]), reference.embed(PHOTO, Pooling.CLS_MEAN, True), "cls_mean")
+
+
+async def test_the_answer_names_the_served_model_whatever_the_request_says(
+    http: RunningServer, make_server: Callable[..., RunningServer], client: aiohttp.ClientSession
+) -> None:
+    folder = Path(http.server.settings.model)
+    assert folder.is_dir()
+    status, body = await post(client, url(http, "/v1/embeddings"), json={"input": PHOTO_URL, "model": "gpt-4"})
+    assert status == 200 and body["model"] == folder.name  # the folder's name, never its path
+    named = make_server(http_port=0, served_model_name="dinov2-small")
+    status, body = await post(client, url(named, "/v1/embeddings"), json={"input": PHOTO_URL, "model": "x"})
+    assert status == 200 and body["model"] == "dinov2-small"
 
 
 # ------------------------------------------------------------------ errors

@@ -3,7 +3,7 @@
     {"input": "<data URL or base64>" or a list of them, "model": "...", "encoding_format": "float" | "base64",
      "dimensions": N, "user": "..."}
     -> {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [...] or "<base64>"}, ...],
-        "model": "<the served model>", "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+        "model": "<the served model's name>", "usage": {"prompt_tokens": 0, "total_tokens": 0}}
 
 As OpenAI's:
 - embeddings have length 1 unless the request says `"normalize": false`, since
@@ -15,9 +15,8 @@ As OpenAI's:
 
 Where it differs:
 - the inputs are images (data URLs or base64), not text, and `usage` counts 0 tokens;
-- `model` is required by OpenAI's clients, so any value is accepted and the
-  answer names the model that served it: the served id may be a local folder
-  (/opt/model in the container) that a caller cannot know;
+- `model` is required by OpenAI's clients, so any value is accepted; the
+  answer names the served model (`--served-model-name`, server/info.py);
 - `dimensions` must equal the embedding's size: a DINOv2 embedding cannot be shortened;
 - the shape has no per-item error: when any image fails, the request fails
   with the status of the first failure, and the message names each failing
@@ -127,13 +126,13 @@ def failure(results: Sequence[ImageResult], single: bool) -> HttpError | None:
     )
 
 
-def response(results: Sequence[ImageResult], model_id: str, encoding: str) -> dict[str, Any]:
-    """The answer to a request whose every image was embedded."""
+def response(results: Sequence[ImageResult], model_name: str, encoding: str) -> dict[str, Any]:
+    """The answer to a request whose every image was embedded, naming the model `model_name`."""
     data = []
     for index, result in enumerate(results):
         assert result.embedding is not None
         data.append({"object": "embedding", "index": index, "embedding": _encoded(result.embedding, encoding)})
-    return {"object": "list", "data": data, "model": model_id, "usage": dict(_USAGE)}
+    return {"object": "list", "data": data, "model": model_name, "usage": dict(_USAGE)}
 
 
 def _encoded(embedding: np.ndarray, encoding: str) -> list[float] | str:

@@ -26,6 +26,7 @@ from aiohttp import web
 from server.http import openai
 from server.http.bodies import BodyReader, EmbedBody, Part, embed_body, parse_json
 from server.http.status import json_response, refusal, to_json
+from server.info import served_model_name
 from server.json_jobs import Slot, batch_output, decode_images, embed_slots, single_output
 from server.service import EmbedOptions, EmbedService, ImageResult
 
@@ -39,6 +40,7 @@ class Routes:
         self._service = service
         self._settings = service.settings
         self._bodies = bodies
+        self._model_name = served_model_name(service.settings)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post("/v1/embed", self.embed)
@@ -72,7 +74,7 @@ class Routes:
         refused = openai.failure(results, parsed.single)
         if refused is not None:
             raise refused
-        return await _answer(openai.response(results, self._service.info.model_id, parsed.encoding))
+        return await _answer(openai.response(results, self._model_name, parsed.encoding))
 
     async def _openai_body(self, request: web.Request) -> tuple[openai.EmbeddingsRequest, list[Slot], float]:
         raw = await self._bodies.receive(request)
