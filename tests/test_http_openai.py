@@ -1,4 +1,4 @@
-"""`POST /v1/embeddings` (server/http/openai.py), OpenAI's shape, driven by a real HTTP client (aiohttp)."""
+"""`POST /v1/embeddings` (server/http/openai.py), OpenAI's shape: driven by aiohttp, and by OpenAI's own client."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import openai
 import pytest
 
 from server import errors
@@ -167,3 +168,24 @@ async def test_engine_refusals_and_failures_take_openai_s_shape(
     error = openai_error_of(body)
     assert answer_status == status and (error["type"], error["param"], error["code"]) == (kind, None, code)
     assert "secret" not in error["message"]
+
+
+# ------------------------------------------------------- OpenAI's own client
+
+
+def test_openai_s_python_client_embeds_and_raises_its_errors(http: RunningServer, reference: Reference) -> None:
+    with openai.OpenAI(base_url=url(http, "/v1"), api_key="x", max_retries=0) as client:
+        answer = client.embeddings.create(model="dinov2", input=[PHOTO_URL, b64(GOOD)])  # base64 on the wire
+        floats = client.embeddings.create(model="dinov2", input=PHOTO_URL, encoding_format="float")
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.embeddings.create(model="dinov2", input=PHOTO_URL, dimensions=16)
+        with pytest.raises(openai.UnprocessableEntityError) as undecodable:
+            client.embeddings.create(model="dinov2", input=b64(b"not an image"))
+    assert answer.model == Path(http.server.settings.model).name and [d.index for d in answer.data] == [0, 1]
+    for index, data in enumerate((PHOTO, GOOD)):
+        assert_close(vec(answer.data[index].embedding), reference.embed(data, Pooling.CLS, True), f"input {index}")
+    assert floats.data[0].embedding == answer.data[0].embedding
+    assert bad.value.status_code == 400 and bad.value.type == "invalid_request_error"
+    assert (bad.value.param, bad.value.code) == ("dimensions", "INVALID_ARGUMENT")
+    assert '"dimensions" must be 32, this model\'s embedding size, not 16' in bad.value.message
+    assert undecodable.value.param == "input" and "not a decodable image" in undecodable.value.message
