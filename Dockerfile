@@ -37,8 +37,9 @@ RUN pip install --no-cache-dir --no-deps .
 
 USER 10001:10001
 
-# At run time the Hub is never contacted: the model is the baked folder.
+# At run time the Hub is never contacted: the model is the baked folder, named in answers as the Hub id it came from.
 ENV MODEL_ID=/opt/model \
+    SERVED_MODEL_NAME=${MODEL} \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     RUNPOD_LOG_LEVEL=INFO \

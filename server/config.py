@@ -40,6 +40,12 @@ class Settings:
 
     model: str = _opt("facebook/dinov2-small", "Hub id or local folder of a DINOv2 model.", env="MODEL_ID")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of the model.")
+    served_model_name: str | None = _opt(
+        None,
+        'The model\'s name in answers (the "model" of POST /v1/embeddings), for callers who cannot know a local '
+        "folder's path.",
+        shown_default="--model when it is a Hub id, else its folder's name",
+    )
     dtype: str = _opt("auto", "Compute dtype; auto = float32 on CPU, bfloat16 (else float16) on CUDA.", choices=DTYPES)
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
     image_size: int | None = _opt(

@@ -19,7 +19,15 @@ class InvalidImage(EmbedError):
 
 
 class InvalidRequest(EmbedError):
-    """The request as a whole is malformed: no images, too many, unknown pooling."""
+    """The request as a whole is malformed: no images, too many, unknown pooling.
+
+    `param`, when one request field is at fault, names it ("pooling",
+    "timeout_ms"): OpenAI's error shape reports it (server/http/status.py).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class Overloaded(EmbedError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from server.config import Settings
 from server.model import ModelRunner
@@ -52,6 +53,16 @@ class ServiceInfo:
             server_version=_package_version(),
             patch_size=runner.patch_size,
         )
+
+
+def served_model_name(settings: Settings) -> str:
+    """The name answers give the model (`--served-model-name`): by default `--model` itself when it is a
+    Hub id, else the local folder's name (`dinov2-small` for /models/dinov2-small): a path is the
+    server's business, and callers cannot know it (/opt/model in the container)."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    folder = Path(settings.model).expanduser()
+    return (folder.resolve().name or settings.model) if folder.is_dir() else settings.model
 
 
 def _package_version() -> str:

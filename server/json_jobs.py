@@ -169,12 +169,12 @@ def _pooling(value: Any) -> Pooling:
     if isinstance(value, str) and value.lower() in POOLINGS:
         return POOLINGS[value.lower()]
     said = shown(value) if isinstance(value, str) else json_type(value)
-    raise errors.InvalidRequest(f'"pooling" must be one of {", ".join(POOLINGS)}, not {said}')
+    raise errors.InvalidRequest(f'"pooling" must be one of {", ".join(POOLINGS)}, not {said}', "pooling")
 
 
 def _normalize(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise errors.InvalidRequest(f'"normalize" must be true or false, not {json_type(value)}')
+        raise errors.InvalidRequest(f'"normalize" must be true or false, not {json_type(value)}', "normalize")
     return value
 
 

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from server.config import load_settings
 from server.healthcheck import main_process_is_runpod_worker
+from server.info import served_model_name
 from tests.test_app import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,12 +37,20 @@ def instructions() -> list[tuple[str, str]]:
     return result
 
 
+def build_args() -> dict[str, str]:
+    """The Dockerfile's ARG defaults: what a `docker build` without --build-arg uses."""
+    declared = (rest.partition("=") for keyword, rest in instructions() if keyword == "ARG")
+    return {name: default for name, _, default in declared}
+
+
 def runtime_env(model_dir: Path) -> dict[str, str]:
-    """The image's final ENV, with the baked model folder replaced by `model_dir`."""
+    """The image's final ENV (build arguments at their defaults), with the baked model folder replaced by
+    `model_dir`."""
     env: dict[str, str] = {}
     for keyword, rest in instructions():
         if keyword == "ENV":
-            env.update(dict(pair.split("=", 1) for pair in shlex.split(rest)))
+            pairs = (pair.split("=", 1) for pair in shlex.split(rest))
+            env.update({name: string.Template(value).substitute(build_args()) for name, value in pairs})
     env["MODEL_ID"] = str(model_dir)
     env.pop("HF_HOME", None)
     return env
@@ -57,6 +67,8 @@ def test_image_bakes_weights_and_runs_offline() -> None:
     assert kinds[0] == "FROM" and "USER" in kinds and "HEALTHCHECK" in kinds
     env = runtime_env(Path("/opt/model"))
     assert env["HF_HUB_OFFLINE"] == "1" and env["MODEL_ID"] == "/opt/model"
+    # answers name the baked folder as the Hub id it was downloaded from, not as /opt/model
+    assert served_model_name(load_settings([], env)) == build_args()["MODEL"] == "facebook/dinov2-small"
     copies = [rest for k, rest in instructions() if k in ("COPY", "RUN")]
     deps = next(i for i, c in enumerate(copies) if "requirements.txt" in c and c.startswith("pip"))
     source = next(i for i, c in enumerate(copies) if c.startswith("server/ "))

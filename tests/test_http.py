@@ -253,60 +253,6 @@ async def test_a_broken_multipart_body_is_400(
     assert status == 400 and message in error_of(answer)[1], answer
 
 
-# ----------------------------------------------------------------- /v1/embeddings
-
-
-async def test_openai_shape_round_trip_in_float_and_base64(
-    http: RunningServer, client: aiohttp.ClientSession, reference: Reference
-) -> None:
-    inputs = ["data:image/jpeg;base64," + b64(PHOTO), b64(GOOD)]
-    status, floats = await post(client, url(http, "/v1/embeddings"),
-                                json={"input": inputs, "model": "dinov2", "user": "someone"})  # fmt: skip
-    assert status == 200
-    assert floats["object"] == "list" and floats["model"] == http.server.service.info.model_id
-    assert floats["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
-    assert [(d["object"], d["index"]) for d in floats["data"]] == [("embedding", 0), ("embedding", 1)]
-    for index, data in enumerate((PHOTO, GOOD)):
-        assert_close(vec(floats["data"][index]["embedding"]), reference.embed(data), f"float {index}")
-    status, packed = await post(client, url(http, "/v1/embeddings"),
-                                json={"input": inputs, "model": "dinov2", "encoding_format": "base64"})  # fmt: skip
-    assert status == 200
-    for index in range(2):
-        decoded = np.frombuffer(base64.b64decode(packed["data"][index]["embedding"]), dtype="<f4")
-        np.testing.assert_array_equal(decoded, vec(floats["data"][index]["embedding"]))
-    status, one = await post(client, url(http, "/v1/embeddings"), json={"input": inputs[0], "dimensions": 32})
-    assert status == 200 and one["data"][0]["embedding"] == floats["data"][0]["embedding"]
-
-
-async def test_openai_shape_fails_the_request_naming_each_failed_input(
-    http: RunningServer, client: aiohttp.ClientSession
-) -> None:
-    inputs = [b64(GOOD), b64(b"not an image"), b64(GOOD), "%%%"]
-    status, body = await post(client, url(http, "/v1/embeddings"), json={"input": inputs})
-    code, message = error_of(body)
-    assert status == 422 and code == "INVALID_ARGUMENT"
-    assert message.startswith("2 of 4 inputs failed: input[1]: INVALID_ARGUMENT: not a decodable image")
-    assert "input[3]: INVALID_ARGUMENT: not valid base64" in message and "POST /v1/embed" in message
-
-
-@pytest.mark.parametrize(
-    ("request_body", "message"),
-    [
-        ({"model": "x"}, 'body needs "input"'),
-        ({"input": [[1, 2, 3]]}, "input[0] must be a data URL or base64 string, not a list"),
-        ({"input": "x", "encoding_format": "int8"}, "\"encoding_format\" must be float or base64, not 'int8'"),
-        ({"input": "x", "dimensions": 16}, '"dimensions" must be 32, this model\'s embedding size, not 16'),
-        ({"input": "x", "dimensions": 32, "pooling": "cls_mean"}, '"dimensions" must be 64'),
-        ({"input": "x", "temperature": 1}, "unknown body key(s) 'temperature'"),
-    ],
-)
-async def test_openai_shape_refuses_what_it_cannot_honour(
-    http: RunningServer, client: aiohttp.ClientSession, request_body: dict[str, Any], message: str
-) -> None:
-    status, body = await post(client, url(http, "/v1/embeddings"), json=request_body)
-    assert status == 400 and message in error_of(body)[1], body
-
-
 # ------------------------------------------------------------ info, health, routes
 
 
@@ -384,9 +330,8 @@ async def test_the_api_key_is_required_except_for_health(
     keyed = make_server(http_port=0, api_key=KEY)
     good = ("Authorization", f"Bearer {KEY}")
     for headers in ([], [("Authorization", "Bearer wrong")], [("Authorization", KEY)], [good, good]):
-        for path in ("/v1/embed", "/v1/embeddings"):
-            status, body = await post(client, url(keyed, path), json={"image": b64(GOOD)}, headers=headers)
-            assert status == 401 and error_of(body)[0] == "UNAUTHENTICATED" and "Bearer <key>" in error_of(body)[1]
+        status, body = await post(client, url(keyed, "/v1/embed"), json={"image": b64(GOOD)}, headers=headers)
+        assert status == 401 and error_of(body)[0] == "UNAUTHENTICATED" and "Bearer <key>" in error_of(body)[1]
         async with client.get(url(keyed, "/v1/info"), headers=headers) as response:
             assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer"
     status, body = await post(client, url(keyed, "/v1/embed"), json={"image": b64(GOOD)}, headers=[good])

@@ -18,6 +18,7 @@ from server.tokens import PatchTokens, as_float32
 from tests import images
 from tests.conftest import RunningServer, assert_close
 from tests.test_http import error_of, form, post, url
+from tests.test_http_openai import openai_error_of
 from tests.test_tokens import reference_tokens
 
 PHOTO = images.jpeg(320, 240, seed=3)
@@ -91,7 +92,7 @@ async def test_http_refuses_tokens_on_the_openai_route_and_bad_values(
 ) -> None:
     data_url = "data:image/jpeg;base64," + b64(PHOTO)
     status, answer = await post(client, url(http, "/v1/embeddings"), json={"input": data_url, "patch_tokens": True})
-    assert status == 400 and "patch_tokens" in error_of(answer)[1]
+    assert status == 400 and "patch_tokens" in openai_error_of(answer)["message"]
     status, answer = await post(client, url(http, "/v1/embed"), json={"image": b64(PHOTO), "patch_tokens": [1]})
     assert status == 400 and error_of(answer) == ("INVALID_ARGUMENT", error_of(answer)[1])
     assert '"patch_tokens" must be true' in error_of(answer)[1]

@@ -69,7 +69,7 @@ def timeout_ms(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not (value > 0 and math.isfinite(value)):
         said = value if isinstance(value, int | float) and not isinstance(value, bool) else json_type(value)
-        raise errors.InvalidRequest(f'"timeout_ms" must be a positive number of milliseconds, not {said}')
+        raise errors.InvalidRequest(f'"timeout_ms" must be a positive number of milliseconds, not {said}', "timeout_ms")
     return float(value)
 
 

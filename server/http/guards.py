@@ -98,16 +98,16 @@ class Observer:
         except ConnectionResetError:  # the caller left while its body was read: an answer nobody receives
             return web.Response(status=CLIENT_CLOSED)
         except HttpError as exc:
-            refused = HttpError(exc.status, exc.code, exc.message, exc.headers)
+            refused = HttpError(exc.status, exc.code, exc.message, exc.headers, exc.param)
         except errors.EmbedError as exc:
             refused = refusal(exc)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, a body over client_max_size
             refused = _aiohttp_error(request, exc)
         except Exception:
             log.exception("%s %s failed", request.method, request.path[:100])
-            return error_response(HttpError(500, "INTERNAL", INTERNAL_MESSAGE))
+            return error_response(HttpError(500, "INTERNAL", INTERNAL_MESSAGE), request.path)
         log.info("request refused: %d %s: %s", refused.status, refused.code, bounded(refused.message))
-        return error_response(refused)
+        return error_response(refused, request.path)
 
     @staticmethod
     async def stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:

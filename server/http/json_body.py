@@ -59,8 +59,8 @@ def job_object(
     try:
         raw = _OBJECT.decode(body)
     except msgspec.ValidationError:  # valid JSON, but not an object
-        said = json_type(_SAME_TYPE.get(head[0], 0))
-        raise errors.InvalidRequest(f'body must be an object with "image" or "images", not {said}') from None
+        said, keys = json_type(_SAME_TYPE.get(head[0], 0)), " or ".join(f'"{key}"' for key in image_keys)
+        raise errors.InvalidRequest(f"body must be an object with {keys}, not {said}") from None
     except RecursionError:
         raise errors.InvalidRequest("request body is JSON nested too deeply") from None
     except msgspec.DecodeError as exc:

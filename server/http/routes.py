@@ -30,6 +30,7 @@ from server.http.bodies import EmbedBody, embed_body, json_only
 from server.http.json_body import job_object
 from server.http.receive import Body, BodyReader
 from server.http.status import json_response, refusal, to_json
+from server.info import served_model_name
 from server.json_jobs import Slot, answer_bytes, batch_output, decode_images, images_of, merged, single_output
 from server.service import EmbedOptions, EmbedService, ImageResult
 
@@ -49,6 +50,7 @@ class Routes:
         self._service = service
         self._settings = service.settings
         self._bodies = bodies
+        self._model_name = served_model_name(service.settings)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post("/v1/embed", self.embed, expect_handler=_no_early_continue)
@@ -77,7 +79,7 @@ class Routes:
             refused = openai.failure(results, parsed.single)
             if refused is not None:
                 raise refused
-            return await _answer(request, openai.response(results, self._service.info.model_id, parsed.encoding))
+            return await _answer(request, openai.response(results, self._model_name, parsed.encoding))
 
     def _parse_openai(self, body: Body) -> tuple[openai.EmbeddingsRequest, list[Slot]]:
         settings = self._settings
