@@ -51,14 +51,14 @@ _PR_SET_PDEATHSIG = 1
 _DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def busy_loops(count: int) -> list[subprocess.Popen[bytes]]:
     """`count` processes that spin on a CPU each, ended with this one at the latest."""
     return [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=_die_with_parent) for _ in range(count)
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=die_with_parent) for _ in range(count)
     ]
 
 
@@ -66,7 +66,7 @@ def bulk(address: str, photos: Path, out: Path) -> dict[str, Any]:
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "client", "embed", str(photos), "--server", address, "-o", str(out)],
-        cwd=REPO, capture_output=True, text=True, check=False, preexec_fn=_die_with_parent,
+        cwd=REPO, capture_output=True, text=True, check=False, preexec_fn=die_with_parent,
     )  # fmt: skip
     seconds = time.monotonic() - started
     rows = int(np.load(out).shape[0]) if out.exists() else 0

@@ -172,11 +172,12 @@ def test_door_smoke_runs_every_scenario(tmp_path: Path, capsys) -> None:
         assert fate["answered_after"]["count"] == sum(answer["count"] for answer in fate["answered"].values()), kind
     assert min(slow["server_fds"]["before"], slow["server_fds"]["during_max"], slow["server_fds"]["after"]) > 0
     bodies = result["json64"]
-    assert list(bodies) == ["[[],[],...]", '{"images": [[],[],...]}']
+    assert list(bodies) == ["[[],[],...]", '{"images": [[],[],...]}', '{"images": [31 x base64]}']
     for name, body in bodies.items():
         assert body["bytes"] >= 2**20 and body["status"] and body["seconds"] > 0, name
         assert body["idle_rss_mb"] > 0 and body["peak_rss_mb"] > 0, name
-        assert body["health"]["checks"] >= 1 and body["health"]["max_s"] >= body["health"]["p99_s"] > 0, name
+        health = body["health"]  # a body refused in a few ms may see no health check at all
+        assert health["checks"] == 0 or health["max_s"] >= health["p99_s"] > 0, name
     calls = result["grpc32"]
     assert sum(calls["outcomes"].values()) == 4 and calls["request_bytes"] > 2 * 8_000_000
     for name, health in calls["health"].items():

@@ -45,11 +45,6 @@ def http_server(model_dir: Path) -> Iterator[ServerProcess]:
         yield running
 
 
-def reset_peak_rss(pid: int) -> None:
-    """Starts the process's VmHWM over from its RSS now (Linux: clear_refs 5)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
 def wait_for_rss_below(server: ServerProcess, limit: int, within_s: float) -> int:
     deadline = time.monotonic() + within_s
     while (now := server.rss_bytes()) > limit and time.monotonic() < deadline:
@@ -286,7 +281,7 @@ def test_a_json_body_of_the_wrong_shape_is_refused_within_twice_its_size(
     idle_tree = http_server.rss_bytes()  # the server and its decode workers
     for sent in (body, wrapped):
         idle = status_kb(http_server.pid, "VmRSS") * 1024
-        reset_peak_rss(http_server.pid)
+        assert http_server.reset_peak_rss(), "the kernel refused to restart the peak (clear_refs)"
         answer = raw_http.request(http_server.http_port, raw_http.head("POST", "/v1/embed", JSON, len(sent)) + sent)
         peak = status_kb(http_server.pid, "VmHWM") * 1024
         assert answer.status == 400, answer
