@@ -54,6 +54,17 @@ def error_of(body: Any) -> tuple[str, str]:
     return body["error"]["code"], body["error"]["message"]
 
 
+def failing(exc: Exception) -> Callable[..., contextlib.AbstractAsyncContextManager[Any]]:
+    """A stand-in for `EmbedService.embedding` that raises `exc`."""
+
+    @contextlib.asynccontextmanager
+    async def embedding(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        raise exc
+        yield
+
+    return embedding
+
+
 def form(*files: tuple[str, bytes], **fields: str) -> aiohttp.FormData:
     """A multipart form as `curl -F name=@file -F field=value` sends it."""
     data = aiohttp.FormData()
@@ -407,12 +418,7 @@ async def test_engine_refusals_map_to_statuses(
     http: RunningServer, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
     exc: errors.EmbedError, status: int, retry_after: str | None,
 ) -> None:  # fmt: skip
-    @contextlib.asynccontextmanager
-    async def refuse(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        raise exc
-        yield
-
-    monkeypatch.setattr(http.server.service, "embedding", refuse)
+    monkeypatch.setattr(http.server.service, "embedding", failing(exc))
     async with client.post(url(http, "/v1/embed"), json={"images": [b64(GOOD)]}) as response:
         assert response.status == status and response.headers.get("Retry-After") == retry_after
         assert error_of(await response.json())[1] == str(exc)
@@ -422,12 +428,7 @@ async def test_unexpected_failures_are_logged_not_leaked(
     http: RunningServer, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    @contextlib.asynccontextmanager
-    async def broken(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        raise RuntimeError("secret internal detail")
-        yield
-
-    monkeypatch.setattr(http.server.service, "embedding", broken)
+    monkeypatch.setattr(http.server.service, "embedding", failing(RuntimeError("secret internal detail")))
     status, body = await post(client, url(http, "/v1/embed"), json={"image": b64(GOOD)})
     assert status == 500
     assert error_of(body) == ("INTERNAL", "the server failed on this request; the details are in its log")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import base64
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from server import errors
 from server.model import Pooling
 from tests.conftest import Reference, RunningServer, assert_close
-from tests.test_http import GOOD, KEY, PHOTO, b64, post, url, vec
+from tests.test_http import GOOD, KEY, PHOTO, b64, failing, post, url, vec
 
 PHOTO_URL = "data:image/jpeg;base64," + b64(PHOTO)
 
@@ -161,12 +160,7 @@ async def test_engine_refusals_and_failures_take_openai_s_shape(
     http: RunningServer, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
     exc: Exception, status: int, kind: str, code: str,
 ) -> None:  # fmt: skip
-    @contextlib.asynccontextmanager
-    async def refuse(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        raise exc
-        yield
-
-    monkeypatch.setattr(http.server.service, "embedding", refuse)
+    monkeypatch.setattr(http.server.service, "embedding", failing(exc))
     answer_status, body = await post(client, url(http, "/v1/embeddings"), json={"input": b64(GOOD)})
     error = openai_error_of(body)
     assert answer_status == status and (error["type"], error["param"], error["code"]) == (kind, None, code)
