@@ -105,13 +105,58 @@ async def test_concurrent_images_fuse_into_batches_and_keep_their_outputs() -> N
     await batcher.close()
 
 
-async def test_a_lone_image_waits_at_most_max_wait() -> None:
+class _VirtualClock:
+    """`time` for the batcher: stands still until a timed wait of the batcher moves it on (`_VirtualWaits`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class _VirtualWaits:
+    """`asyncio` for the batcher, but its timed waits (`timeout`, `sleep`) take no real time: each moves
+    `clock` on by its whole delay and runs out at once.
+
+    For a lone image, where nothing else can end a wait early, the image's `queue_s` (its forward pass's
+    start less its enqueue time, both on `clock`) is then exactly what the batcher chose to hold it (to float
+    rounding): a machine too loaded to run the loop on time adds nothing to it, and a wait the batcher should not
+    have taken shows in full.
+    """
+
+    def __init__(self, clock: _VirtualClock) -> None:
+        self.clock = clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    def timeout(self, delay: float | None) -> asyncio.Timeout:
+        if delay is not None:
+            self.clock.now += delay
+        return asyncio.timeout(0 if delay is not None else None)
+
+    async def sleep(self, delay: float, result: Any = None) -> Any:
+        self.clock.now += delay
+        return await asyncio.sleep(0, result)
+
+
+@pytest.fixture
+def virtual_time(monkeypatch: pytest.MonkeyPatch) -> _VirtualClock:
+    """The batcher's clock and timed waits in virtual time (`_VirtualWaits`); the test's own are real."""
+    clock = _VirtualClock()
+    monkeypatch.setattr(batcher_module, "time", clock)
+    monkeypatch.setattr(batcher_module, "asyncio", _VirtualWaits(clock))
+    return clock
+
+
+async def test_a_lone_image_waits_at_most_max_wait(virtual_time: _VirtualClock) -> None:
     model = FakeModel()
     batcher = await started(model, max_wait_ms=50.0)
-    t0 = time.monotonic()
-    out = await batcher.submit(image(7))
-    assert 0.04 <= time.monotonic() - t0 < 30  # not held for a batch that never fills
-    assert out.batch_size == 1 and out.queue_s >= 0.04
+    async with asyncio.timeout(60):  # real time: a batcher that never sends the image fails here
+        out = await batcher.submit(image(7))
+    assert out.batch_size == 1
+    assert out.queue_s == pytest.approx(0.05, abs=1e-9)  # held max_wait for a batch that never fills, no longer
     await batcher.close()
 
 
@@ -137,20 +182,21 @@ async def test_a_backlog_that_fills_the_batch_is_waited_for_past_max_wait() -> N
 
 
 @pytest.mark.parametrize(
-    ("max_wait_ms", "backlog_wait_ms", "coming", "least_wait_s"),
+    ("max_wait_ms", "backlog_wait_ms", "coming", "wait_s"),
     [
-        (10.0, 60_000.0, 3, 0.0),  # too few on their way to fill the batch: max_wait only, not the minute
-        (0.0, 100.0, 100, 0.09),  # a backlog: waited for up to backlog_wait, not for ever
+        (10.0, 60_000.0, 3, 0.01),  # too few on their way to fill the batch: max_wait only, not the minute
+        (0.0, 100.0, 100, 0.1),  # a backlog: waited for up to backlog_wait, not for ever
     ],
     ids=["small-backlog", "bounded"],
 )
 async def test_a_lone_image_waits_no_longer_than_its_bound(
-    max_wait_ms: float, backlog_wait_ms: float, coming: int, least_wait_s: float
+    virtual_time: _VirtualClock, max_wait_ms: float, backlog_wait_ms: float, coming: int, wait_s: float
 ) -> None:
     batcher = await started(FakeModel(), max_wait_ms=max_wait_ms, backlog_wait_ms=backlog_wait_ms,
                             coming=lambda: coming)  # fmt: skip
-    out = await batcher.submit(image(0))
-    assert out.batch_size == 1 and least_wait_s <= out.queue_s < 30
+    async with asyncio.timeout(60):  # real time: a batcher that never sends the image fails here
+        out = await batcher.submit(image(0))
+    assert out.batch_size == 1 and out.queue_s == pytest.approx(wait_s, abs=1e-9)  # its bound exactly
     await batcher.close()
 
 
