@@ -62,16 +62,22 @@ async def test_the_gate_holds_tries_to_the_window_and_lets_earlier_requests_go_f
 class BusyEmbed(embed_pb2_grpc.EmbedServicer):
     """A stand-in server that handles `capacity` requests at once and refuses the rest RESOURCE_EXHAUSTED.
 
-    Each image's embedding is its id as a number. `opened` raises the capacity once `after` requests
-    were answered, like a server whose other callers went away.
+    Each image's embedding is its id as a number. Once `after` requests were answered it handles
+    `raise_to` at once, like a server whose other callers went away. Once `whole_after` were answered
+    (enough for a window cut to one to have grown back to `raise_to`), it holds the requests it gets
+    until `raise_to` of them are in flight at once (`whole_window` then holds True), or for at most
+    `hold_s`: a window that did not grow back does not hang the test, it fails it.
     """
 
-    def __init__(self, capacity: int, raise_to: int, after: int) -> None:
-        self.capacity, self.raise_to, self.after = capacity, raise_to, after
+    def __init__(self, capacity: int, raise_to: int, after: int, whole_after: int, hold_s: float = 30.0) -> None:
+        self.capacity, self.raise_to, self.after, self.whole_after = capacity, raise_to, after, whole_after
+        self.hold_s = hold_s
         self.in_flight = 0
         self.answered = 0
         self.refused_before = 0
         self.refused_after = 0
+        self.whole_window: bool | None = None  # None: not asked for yet
+        self._held: asyncio.Event | None = None
 
     async def _one(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
         if self.in_flight >= self.capacity:
@@ -82,6 +88,8 @@ class BusyEmbed(embed_pb2_grpc.EmbedServicer):
             return pb.EmbedResponse(error=pb.Error(code=RESOURCE_EXHAUSTED, message="server is busy; retry"))
         self.in_flight += 1
         try:
+            if self.answered >= self.whole_after and self.whole_window is None:
+                await self._until_whole_window()
             await asyncio.sleep(0.005)
         finally:
             self.in_flight -= 1
@@ -89,6 +97,21 @@ class BusyEmbed(embed_pb2_grpc.EmbedServicer):
         if self.answered >= self.after:
             self.capacity = self.raise_to
         return pb.EmbedResponse(embeddings=[pb.Embedding(id=i.id, values=[float(i.id)]) for i in request.images])
+
+    async def _until_whole_window(self) -> None:
+        """Holds this request until `raise_to` requests are in flight at once, or `hold_s` passed."""
+        if self._held is None:
+            self._held = asyncio.Event()
+        if self.in_flight >= self.raise_to:
+            self.whole_window = True
+            self._held.set()
+            return
+        try:
+            await asyncio.wait_for(self._held.wait(), self.hold_s)
+        except TimeoutError:
+            if self.whole_window is None:
+                self.whole_window = False
+            self._held.set()
 
     async def EmbedStream(
         self, requests: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
@@ -108,7 +131,7 @@ class BusyEmbed(embed_pb2_grpc.EmbedServicer):
 
 @pytest.fixture
 def busy_server() -> Iterator[tuple[str, BusyEmbed]]:
-    servicer = BusyEmbed(capacity=2, raise_to=1000, after=40)
+    servicer = BusyEmbed(capacity=2, raise_to=8, after=40, whole_after=80)  # the test's window is 8
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -138,4 +161,8 @@ def test_a_busy_server_shrinks_the_window_and_one_that_keeps_up_gets_it_back(
         embeddings = client.embed([b"x"] * len(ids), ids=ids)
     assert np.array_equal(embeddings[:, 0], np.arange(400, dtype=np.float32))  # every image, in order
     assert servicer.refused_before > 0 and min(sizes) <= 2  # refused while it could take two: shrank
-    assert sizes[-1] == 8 and servicer.refused_after == 0  # then grew back to the whole window
+    assert sizes[-1] == 8 and max(sizes) == 8  # then grew back to the whole window, and never past it
+    # 100 requests: 40 answered while the server took two at once, 40 more to grow back from one
+    # (1 + 2 + ... + 7 answers and room for those in flight at the cut), 20 left to hold at once
+    assert servicer.whole_window, "the server never had the whole window of requests in flight at once"
+    assert servicer.refused_after == 0  # ... and never more: the server took 8 at once, no more, once opened
