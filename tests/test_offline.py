@@ -200,7 +200,9 @@ def test_the_checkpoints_crop_at_448_gives_the_references_embeddings(
     identity = Manifest.from_text((tmp_path / "out" / "manifest.json").read_text(), "manifest").identity
     assert (identity.image_size, identity.preprocess) == (448, "checkpoint")
     reference = Reference(model_dir, 448, "checkpoint")
-    for row in _rows(tmp_path / "out").to_pylist():
+    rows = _rows(tmp_path / "out").to_pylist()
+    assert sorted(row["id"] for row in rows) == [f"{n}.png" for n in range(4)]  # one row per photo
+    for row in rows:
         expected = reference.embed((tmp_path / "photos" / row["id"]).read_bytes(), Pooling.CLS)
         assert_close(np.array(row["embedding"], "f4"), expected, row["id"])
 
