@@ -60,13 +60,27 @@ def raw_embed(address: str) -> Callable[..., pb.EmbedResponse]:
 
 
 def in_threads(count: int, work: Callable[[], str]) -> Counter[str]:
+    """Runs `work()` on `count` threads at once; what each returned, counted once every thread came back.
+
+    A `work()` that raised counts as "raised <type>: <message>" (a plain thread would only print it and go
+    uncounted), so a caller's check of the outcomes fails on it; a thread that never came back fails here.
+    """
     outcomes: list[str] = []
-    threads = [threading.Thread(target=lambda: outcomes.append(work())) for _ in range(count)]
+
+    def one() -> None:
+        try:
+            outcomes.append(work())
+        except Exception as exc:
+            outcomes.append(f"raised {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=600)
-    return Counter(outcomes)
+    counted = Counter(outcomes)
+    assert len(outcomes) == count, f"{count - len(outcomes)} of {count} calls never came back: {counted}"
+    return counted
 
 
 def truncated_png(width: int, height: int) -> bytes:
@@ -103,11 +117,13 @@ def test_concurrent_large_requests_are_answered_or_refused_within_bounded_memory
             response = call(raw, timeout=300)
         except grpc.RpcError as exc:
             return exc.code().name
+        ids = [item.id for item in response.embeddings]
+        assert ids == [str(i) for i in range(15)], f"answered {ids}"
         for item in response.embeddings:
-            assert_close(np.array(item.values, np.float32), expected, "large png")
+            assert_close(np.array(item.values, np.float32), expected, f"large png {item.id}")
         return "OK"
 
-    outcomes = in_threads(32, one)
+    outcomes = in_threads(32, one)  # all 32 came back; a failed parity check is an outcome of its own
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"} and outcomes["OK"] >= 1, outcomes
     peak = server.peak_rss_bytes()
     assert peak < 4 * GB, f"peak RSS {peak / GB:.2f} GB ({outcomes})"
