@@ -25,16 +25,18 @@ from protos.dinov2.v1 import embed_pb2_grpc
 from server.config import Settings
 from server.grpc_service import DRAINING
 from server.model import ModelRunner
-from tests import images
+from tests import held_server, images
 from tests.conftest import ControlledRunner, RunningServer, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_server(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start_server(*args: str, env: dict[str, str] | None = None, module: str = "server") -> subprocess.Popen[str]:
+    """`python -m server ARGS` (or `module`, such as tests.held_server, which takes orders on stdin)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *args],
+        [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *args],
         cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=None if module == "server" else subprocess.PIPE,
     )  # fmt: skip
 
 
@@ -54,6 +56,16 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, 
         if "engine ready" in line and port:
             return port, lines
     raise AssertionError("server did not get ready:\n" + "".join(lines))
+
+
+def read_until(proc: subprocess.Popen[str], lines: list[str], text: str) -> None:
+    """Reads the server's output into `lines` until a line holds `text`."""
+    assert proc.stdout is not None
+    while text not in (line := proc.stdout.readline()):
+        if not line:
+            raise AssertionError(f"server exited before {text!r}:\n" + "".join(lines))
+        lines.append(line)
+    lines.append(line)
 
 
 def metric(lines: list[str], name: str) -> float:
@@ -88,27 +100,43 @@ def test_unknown_hub_id_offline_ends_with_one_clear_line(tmp_path: Path) -> None
 
 
 def test_serves_then_drains_on_sigterm(model_dir: Path) -> None:
-    proc = start_server("--model", str(model_dir), "--max-wait-ms", "200", "--metrics-port", "0")
+    """A call whose batch is in the model when SIGTERM arrives is answered; then the process ends with 0."""
+    proc = start_server(
+        "--model", str(model_dir), "--grace-s", "120", "--metrics-port", "0", module="tests.held_server"
+    )
+    assert proc.stdin is not None and proc.stdout is not None
     try:
         port, lines = wait_ready(proc)
         assert any("dtype float32 (asked auto), device cpu (asked auto)" in line for line in lines)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = embed_pb2_grpc.EmbedStub(channel)
         assert stub.Info(pb.InfoRequest(), timeout=10).embedding_dim == 32
+        proc.stdin.write("hold\n")
+        proc.stdin.flush()
+        read_until(proc, lines, held_server.ARMED)  # from now on, forward passes wait until stdin closes
         request = pb.EmbedRequest(images=[pb.Image(data=images.png(seed=i)) for i in range(8)])
         result: dict[str, object] = {}
 
         def call() -> None:
-            result["response"] = stub.Embed(request, timeout=60)
+            try:
+                result["response"] = stub.Embed(request, timeout=60)
+            except grpc.RpcError as exc:
+                result["error"] = exc
 
         in_flight = threading.Thread(target=call)
         in_flight.start()
-        wait_for(lambda: "response" in result or metric(lines, "dinov2_in_flight_images") > 0)  # the call is accepted
+        read_until(proc, lines, held_server.HELD)  # the call's first batch is in the model, held there
+        assert metric(lines, "dinov2_in_flight_images") == 8
         proc.send_signal(signal.SIGTERM)
+        read_until(proc, lines, "signal received: draining")
+        assert not result  # still in flight: its batch cannot leave the model before stdin closes
+        proc.stdin.close()
         in_flight.join(timeout=60)
-        response = result["response"]
-        assert all(len(e.values) == 32 for e in response.embeddings)  # type: ignore[attr-defined]
+        response = result.get("response")
+        assert isinstance(response, pb.EmbedResponse), result
+        assert [len(e.values) for e in response.embeddings] == [32] * 8
         assert proc.wait(timeout=60) == 0
+        assert "stopped" in proc.stdout.read()
         with pytest.raises(grpc.RpcError) as info:
             stub.Info(pb.InfoRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -116,6 +144,7 @@ def test_serves_then_drains_on_sigterm(model_dir: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+        proc.stdin.close()
 
 
 def test_sigterm_ends_an_idle_stream_at_once_not_after_the_grace_period(model_dir: Path) -> None:

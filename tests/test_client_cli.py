@@ -233,19 +233,28 @@ def test_usage_errors_exit_2(
     assert code == 2 and message in stderr, stderr
 
 
-def test_parquet_needs_pyarrow_or_writes_it(
+def test_parquet_is_written_with_pyarrow(
     server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
+    import pyarrow.parquet as pq  # a test dependency
+
     folder, _ = small_folder
     out = tmp_path / "o.parquet"
     code, _, stderr = run("embed", str(folder), "--server", server.address, "-o", str(out))
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        assert code == 2 and "needs pyarrow" in stderr
-        return
+    assert code == 0, stderr
     table = pq.read_table(out)
-    assert code == 0 and table.num_rows == 6 and len(table.column("embedding")[0]) == 32
+    assert table.num_rows == 6 and len(table.column("embedding")[0]) == 32
+
+
+def test_parquet_without_pyarrow_exits_2_with_the_fix_and_writes_nothing(
+    server: RunningServer, small_folder: tuple[Path, dict[str, bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("pyarrow", "pyarrow.parquet"):  # None in sys.modules: importing it raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    folder, _ = small_folder
+    code, _, stderr = run("embed", str(folder), "--server", server.address, "-o", str(tmp_path / "o.parquet"))
+    assert code == 2 and "writing .parquet needs pyarrow (pip install pyarrow)" in stderr, stderr
+    assert list(tmp_path.iterdir()) == [folder]
 
 
 def test_no_reachable_server_exits_3_and_writes_nothing(

@@ -52,9 +52,11 @@ def test_a_failed_image_is_named_and_the_others_keep_their_tokens(client: EmbedC
 
 def test_tokens_arrive_beside_the_embedding_in_a_stream(client: EmbedClient) -> None:
     results = list(client.embed_iter([images.png(seed=k) for k in range(5)], patch_tokens="float16", batch_size=2))
+    assert len(results) == 5
     assert all(r.ok and r.embedding is not None and r.patch_tokens is not None for r in results)
     assert all(r.patch_tokens.shape == (16, 16, r.embedding.shape[0]) for r in results)
-    assert all(r.patch_tokens is None for r in client.embed_iter([images.png()]))
+    plain = list(client.embed_iter([images.png()]))
+    assert len(plain) == 1 and plain[0].ok and plain[0].patch_tokens is None
 
 
 def test_requests_are_cut_so_that_their_tokens_fit_one_message(make_server, runner) -> None:
