@@ -13,8 +13,9 @@ ports) and runs, one after another:
   60 s deadline: how many were answered, refused (and how fast), or accepted
   and then expired;
 - idle streams: one caller (127.0.0.1) opens `--idle-streams` streams and
-  sends nothing; another (::1) makes an `Embed` call, and health checks go
-  from both addresses: their outcomes and the slowest health check;
+  sends nothing; another (127.0.0.2, through bench/loopback.py's relay) makes
+  an `Embed` call, and health checks go from both addresses: their outcomes
+  and the slowest health check;
 
 and the server's peak RSS (its decode workers' added) and its RSS after.
 `--busy-loops N` runs N busy-loop processes beside all of it.
@@ -43,6 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import machine
 from bench.images import gray_jpegs
+from bench.loopback import Relay
 from bench.server_proc import REPO, ServerProcess
 from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
@@ -104,8 +106,9 @@ def burst(address: str, datas: list[bytes], calls: int, images: int, deadline_s:
 
 
 async def _idle_streams(port: int, streams: int, health_checks: int, datas: list[bytes]) -> dict[str, Any]:
+    relay = Relay(port)  # the other caller calls from 127.0.0.2
     flooder = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    other = grpc.aio.insecure_channel(f"[::1]:{port}")
+    other = grpc.aio.insecure_channel(await relay.start())
     calls = [embed_pb2_grpc.EmbedStub(flooder).EmbedStream() for _ in range(streams)]
     settled_at = time.monotonic() + 60
     while time.monotonic() < settled_at and sum(call.done() for call in calls) < streams - 1:
@@ -133,6 +136,7 @@ async def _idle_streams(port: int, streams: int, health_checks: int, datas: list
         checks.append((outcome, time.monotonic() - started))
     await flooder.close()
     await other.close()
+    await relay.close()
     return {
         "streams": streams,
         "refused": dict(refused),
@@ -157,8 +161,8 @@ def run(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
 def _measure(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     info = machine.describe(torch.device("cpu"))
     datas = gray_jpegs(args.photos)
-    server_args = ["--model", model_dir, "--dtype", args.dtype, "--host", "::", "--port", "0", "--metrics-port", "0",
-                   *args.server_arg]  # fmt: skip
+    server_args = ["--model", model_dir, "--dtype", args.dtype, "--host", "127.0.0.1", "--port", "0",
+                   "--metrics-port", "0", *args.server_arg]  # fmt: skip
     config = {"model": model_dir, "dtype": args.dtype, "photos": args.photos, "busy_loops": args.busy_loops,
               "server_args": server_args}  # fmt: skip
     result: dict[str, Any] = {"machine": info, "config": config}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
-import socket
 import subprocess
 import threading
 import time
@@ -93,16 +92,6 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
-
-
-def ipv6_loopback() -> bool:
-    """Whether ::1 can be used: a second address for a second caller on one machine."""
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from bench.__main__ import main
 from bench.host_path import CPU_PARTS
-from tests.conftest import ipv6_loopback
 
 
 def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
@@ -68,7 +65,6 @@ def test_host_path_smoke_prints_both_efficiencies(tmp_path: Path, capsys) -> Non
     assert {"load_average_start", "load_average_end", "cpu"} <= result["machine"].keys()
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="the idle-streams part needs IPv6 loopback (::1) for a second caller")
 def test_overload_smoke_runs_every_part(tmp_path: Path, capsys) -> None:
     out = tmp_path / "overload.json"
     main(["--overload", "--smoke", "--json", str(out)])

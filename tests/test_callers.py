@@ -11,11 +11,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.loopback import Relay
 from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
 from server.callers import CallLimits, caller_of
 from tests import images
-from tests.conftest import RunningServer, ipv6_loopback, wait_for
+from tests.conftest import RunningServer, wait_for
 
 
 @pytest.mark.parametrize(
@@ -68,25 +69,24 @@ def loop_thread() -> Iterator[LoopThread]:
     running.stop()
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6 loopback (::1) for a second caller address")
 def test_idle_streams_of_one_caller_lock_out_neither_others_nor_health(make_server, loop_thread) -> None:
-    server: RunningServer = make_server(host="::", max_calls_per_caller=20)
-    ipv4 = f"127.0.0.1:{server.port}"
-    ipv6 = grpc.insecure_channel(f"[::1]:{server.port}")
+    server: RunningServer = make_server(max_calls_per_caller=20)
+    relay = Relay(server.port)  # the other caller calls from 127.0.0.2
+    second = grpc.insecure_channel(loop_thread.run(relay.start()))
     refused = ("dinov2_refused_requests_total", {"reason": "calls"})
     flooder: dict[str, Any] = {}
 
     async def flood(count: int) -> None:
-        channel = grpc.aio.insecure_channel(ipv4)
+        channel = grpc.aio.insecure_channel(server.address)
         stub = embed_pb2_grpc.EmbedStub(channel)
         flooder["channel"], flooder["calls"] = channel, [stub.EmbedStream() for _ in range(count)]
 
     loop_thread.run(flood(300))
     wait_for(lambda: server.metrics.value(*refused) == 280)  # the first 20 are open and idle
     assert server.server.calls.calls_of("127.0.0.1") == 20
-    other = embed_pb2_grpc.EmbedStub(ipv6).Embed(pb.EmbedRequest(images=[pb.Image(data=images.png())]), timeout=30)
+    other = embed_pb2_grpc.EmbedStub(second).Embed(pb.EmbedRequest(images=[pb.Image(data=images.png())]), timeout=30)
     assert other.embeddings[0].values
-    for channel in (ipv6, server.channel):  # the flooder's own address included
+    for channel in (second, server.channel):  # the flooder's own address included
         for _ in range(5):
             check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
             assert check.status == health_pb2.HealthCheckResponse.SERVING
@@ -101,7 +101,8 @@ def test_idle_streams_of_one_caller_lock_out_neither_others_nor_health(make_serv
     loop_thread.run(close())
     wait_for(lambda: server.server.calls.open == 0)
     assert server.stub.Embed(pb.EmbedRequest(images=[pb.Image(data=images.png())]), timeout=30).embeddings[0].values
-    ipv6.close()
+    second.close()
+    loop_thread.run(relay.close())
 
 
 def test_a_trusted_proxy_names_the_caller_in_grpc_metadata(make_server, loop_thread) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ from client import (
     RetryPolicy,
 )
 from client.images import png_bytes
-from server.config import Settings
 from server.model import Pooling
 from tests import images
 from tests.conftest import ControlledRunner, Reference, RunningServer, assert_close
@@ -312,13 +310,7 @@ def test_requests_stay_under_the_message_limit(client: EmbedClient, server: Runn
 # ------------------------------------------------------------ API key and TLS
 
 
-def _server_has(field: str) -> None:
-    if field not in {f.name for f in dataclasses.fields(Settings)}:
-        pytest.skip(f"the server has no {field} setting")
-
-
 def test_api_key_is_sent_as_bearer_metadata(make_server: Any) -> None:
-    _server_has("api_key")
     guarded = make_server(api_key="s3cret")
     with EmbedClient(guarded.address, api_key="s3cret") as keyed:
         assert keyed.embed(pictures(2)).shape == (2, 32)
@@ -328,23 +320,7 @@ def test_api_key_is_sent_as_bearer_metadata(make_server: Any) -> None:
     assert info.value.code_name == "UNAUTHENTICATED" and info.value.attempts == 1
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    try:
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a test certificate: {exc}")
-    return cert, key
-
-
 def test_tls_with_a_root_certificate_file(make_server: Any, certificate: tuple[Path, Path]) -> None:
-    _server_has("tls_cert")
     cert, key = certificate
     secure = make_server(tls_cert=str(cert), tls_key=str(key))
     with EmbedClient(secure.address, tls_ca=cert) as tls_client:

@@ -60,7 +60,7 @@ GOOD = b"".join(wire.encode_results([pixels(1), InvalidImage("bad")], []))
         (bytearray(GOOD), 3),  # answers another chunk
         (bytearray(GOOD[:-1]), 2),  # a pixel short
         (bytearray(GOOD + b"\0"), 2),  # a byte too many
-        (corrupt(GOOD, 4, b"\x07"), 2),  # an unknown item tag: pixels of the wrong size follow
+        (corrupt(GOOD, 4, b"\x07"), 2),  # an unknown item tag in place of the image's
         (corrupt(GOOD, 15, b"Pickle"), 2),  # an error type that is not the engine's
         (corrupt(GOOD, 5, struct.pack("<II", 4, 16)), 2),  # 64 pixels, but not image_size x image_size
         (bytearray(GOOD[:10]), 2),  # cut short
@@ -70,6 +70,16 @@ GOOD = b"".join(wire.encode_results([pixels(1), InvalidImage("bad")], []))
 def test_a_malformed_answer_is_refused(body: bytearray, count: int) -> None:
     with pytest.raises(wire.WireError):
         wire.decode_results(body, count, SIZE)
+
+
+ERROR_TAG_AT = 4 + 1 + 8  # GOOD: the count, then the image's tag and shape; then the error's tag
+
+
+@pytest.mark.parametrize("tag", [b"\x02", b"\xff"], ids=["2", "255"])
+def test_an_unknown_tag_before_a_valid_error_record_is_refused(tag: bytes) -> None:
+    assert GOOD[ERROR_TAG_AT] == 1  # the error's record is intact: only its tag is wrong
+    with pytest.raises(wire.WireError, match=f"an item tagged {tag[0]}"):
+        wire.decode_results(corrupt(GOOD, ERROR_TAG_AT, tag), 2, SIZE)
 
 
 def frames(*raw: bytes) -> int:

@@ -19,11 +19,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from bench.loopback import Relay
 from bench.server_proc import ServerProcess, status_kb
 from protos.dinov2.v1 import embed_pb2 as pb
 from protos.dinov2.v1 import embed_pb2_grpc
 from tests import images, raw_http
-from tests.conftest import Reference, assert_close, ipv6_loopback
+from tests.conftest import Reference, assert_close
 
 GB = 1 << 30
 MB = 1 << 20
@@ -249,18 +250,18 @@ def test_two_thousand_connections_get_answers_or_clear_refusals(server: ServerPr
     assert after < 1.5 * GB, f"RSS still {after / GB:.2f} GB 30 s after the load"
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6 loopback (::1) for a second caller address")
 def test_one_caller_holding_three_thousand_idle_streams_locks_out_neither_others_nor_health(
     model_dir: Path,
 ) -> None:
     import asyncio
 
-    args = ["--model", str(model_dir), "--host", "::", "--port", "0", "--metrics-port", "-1"]
+    args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
     with ServerProcess(args, ready_timeout_s=180) as server:
 
         async def flood() -> tuple[Counter[str], list[str]]:
-            flooder = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-            other = grpc.aio.insecure_channel(f"[::1]:{server.port}")
+            relay = Relay(server.port)  # the other caller calls from 127.0.0.2
+            flooder = grpc.aio.insecure_channel(server.address)
+            other = grpc.aio.insecure_channel(await relay.start())
             streams = [embed_pb2_grpc.EmbedStub(flooder).EmbedStream() for _ in range(3000)]
             deadline = time.monotonic() + 120
             while sum(call.done() for call in streams) < 3000 - 256:  # all but its bound are refused
@@ -277,6 +278,7 @@ def test_one_caller_holding_three_thousand_idle_streams_locks_out_neither_others
                 outcomes.append(health_pb2.HealthCheckResponse.ServingStatus.Name(check.status))
             await flooder.close()
             await other.close()
+            await relay.close()
             return refused, outcomes
 
         refused, outcomes = asyncio.run(flood())

@@ -183,6 +183,8 @@ def _decode_results(
                 raise ValueError(f"an image of {shape[0]}x{shape[1]} pixels")
             results.append(shape)
             continue
+        if tag != 1:  # else an error record after it would be read as this item's
+            raise ValueError(f"an item tagged {tag}")
         (name_len,), at = _U8.unpack_from(view, at), at + 1
         name, at = bytes(view[at : at + name_len]).decode(), at + name_len
         (message_len,), at = _U32.unpack_from(view, at), at + _U32.size
