@@ -23,7 +23,10 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ATTACKER = "127.0.0.2"
+from bench.loopback import SECOND_CALLER
+
+ATTACKER = SECOND_CALLER
+"""A second caller's address on one machine: the server sees it as another peer (bench/loopback.py)."""
 CALL_TIMEOUT_S = 10.0  # a victim call's and a hostile connect's limit
 PROBE_TIMEOUT_S = 30.0  # a health check's: long enough to time a stall, short enough to end the run
 KINDS = ("slow upload", "header pad", "request line")

@@ -8,8 +8,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-ATTACKER = "127.0.0.2"
-"""A second caller's address on one machine: the server sees it as another peer."""
+from bench.loopback import SECOND_CALLER
+
+ATTACKER = SECOND_CALLER
+"""A second caller's address on one machine: the server sees it as another peer (bench/loopback.py)."""
 WAIT_S = 60.0
 """How long a test waits for the server to answer or close: a bound for a broken server, never met by a working one."""
 
