@@ -296,7 +296,10 @@ def test_a_json_body_of_the_wrong_shape_is_refused_within_twice_its_size(
     """json.loads of 64 MB of `[]` took 1.5 GB; here the body is refused having cost about its own size."""
     body = b"[" + b"[]," * (size_mb * MB // 3) + b"[]]"
     wrapped = b'{"images": ' + body + b"}"
+    small = b"[" + b"[]," * 1000 + b"[]]"  # the path's first run (its lazy imports and caches) before idle is read
+    assert raw_http.request(http_server.http_port, raw_http.head("POST", "/v1/embed", JSON, len(small)) + small).status
     idle_tree = http_server.rss_bytes()  # the server and its decode workers
+    back_within = max(len(body) // 2, 32 * MB)  # CI saw 12 MB of other growth: a kept 64 MB body still fails it
     for sent in (body, wrapped):
         idle = status_kb(http_server.pid, "VmRSS") * 1024
         assert http_server.reset_peak_rss(), "the kernel refused to restart the peak (clear_refs)"
@@ -308,5 +311,5 @@ def test_a_json_body_of_the_wrong_shape_is_refused_within_twice_its_size(
         assert peak - idle < 2 * len(sent), (
             f"peak RSS {(peak - idle) / MB:.0f} MB over idle for {len(sent) / MB:.0f} MB"
         )
-    after = wait_for_rss_below(http_server, idle_tree + len(body) // 2, within_s=30)
-    assert after < idle_tree + len(body) // 2, f"RSS {(after - idle_tree) / MB:.0f} MB over idle 30 s after"
+    after = wait_for_rss_below(http_server, idle_tree + back_within, within_s=30)
+    assert after < idle_tree + back_within, f"RSS {(after - idle_tree) / MB:.0f} MB over idle 30 s after"
